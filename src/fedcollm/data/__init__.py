@@ -1,0 +1,1 @@
+"""Multiple-choice QA data: records, loaders, prompts, partitions, token ids."""

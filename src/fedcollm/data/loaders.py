@@ -1,0 +1,164 @@
+"""Read multiple-choice QA splits from local files (or the Hugging Face hub, if reachable).
+
+Two line formats are read, detected per line:
+- AI2 / original release format (ARC, OpenBookQA, CommonsenseQA):
+  {"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}
+- the generic fedcollm MCQ form, for your own data:
+  {"id"?: str, "question": str, "choices": [str, ...], "answer": int (0-based) | "B"}
+
+Where a dataset is looked for, in order: the path the user gives (`data.path`), $FEDCOLLM_DATA,
+`../shared/data` beside the checkout (and beside the working directory), then the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedcollm.data.records import MCQRecord
+from fedcollm.errors import FedCoLLMError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    files: dict[str, str]  # split -> path relative to the data root
+    hub: tuple[str, str | None]  # (dataset id, config name)
+    style: str
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "arc_easy": DatasetSpec(
+        {"train": "arc/ARC-Easy-Train.jsonl", "validation": "arc/ARC-Easy-Dev.jsonl",
+         "test": "arc/ARC-Easy-Test.jsonl"}, ("allenai/ai2_arc", "ARC-Easy"), "arc"),
+    "arc_challenge": DatasetSpec(
+        {"train": "arc/ARC-Challenge-Train.jsonl", "validation": "arc/ARC-Challenge-Dev.jsonl",
+         "test": "arc/ARC-Challenge-Test.jsonl"}, ("allenai/ai2_arc", "ARC-Challenge"), "arc"),
+    "openbookqa": DatasetSpec(
+        {"train": "openbookqa/train.jsonl", "validation": "openbookqa/dev.jsonl",
+         "test": "openbookqa/test.jsonl"}, ("allenai/openbookqa", "main"), "openbookqa"),
+    # Its official test split has no labels: like lm-eval, evaluate on the dev split.
+    "commonsense_qa": DatasetSpec(
+        {"train": "commonsenseqa/train_rand_split.jsonl",
+         "validation": "commonsenseqa/dev_rand_split.jsonl",
+         "test": "commonsenseqa/dev_rand_split.jsonl"}, ("tau/commonsense_qa", None),
+        "commonsense_qa"),
+}
+HUB_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
+
+
+def _parse_line(obj: dict, style: str, where: str) -> MCQRecord:
+    q = obj.get("question")
+    if isinstance(q, dict):  # AI2 format
+        stem, raw_choices, key = q.get("stem"), q.get("choices"), obj.get("answerKey")
+        if not isinstance(stem, str) or not isinstance(raw_choices, list) or not raw_choices:
+            raise FedCoLLMError(f"{where}: expected question.stem and question.choices")
+        texts = [c.get("text") if isinstance(c, dict) else None for c in raw_choices]
+        labels = [str(c.get("label")) if isinstance(c, dict) else None for c in raw_choices]
+        if not all(isinstance(t, str) for t in texts):
+            raise FedCoLLMError(f"{where}: every choice needs a 'text' string")
+        key = str(key).strip()
+        if key in labels:
+            answer = labels.index(key)
+        elif key.isdigit() and 1 <= int(key) <= len(texts):  # a few ARC rows label 1-4
+            answer = int(key) - 1
+        else:
+            raise FedCoLLMError(f"{where}: answerKey {key!r} is not one of the labels {labels}")
+        return MCQRecord(str(obj.get("id", where)), stem, tuple(texts), answer, style)
+    if isinstance(q, str):  # generic form
+        choices, ans = obj.get("choices"), obj.get("answer")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise FedCoLLMError(f"{where}: 'choices' must be a list of at least 2 strings")
+        if isinstance(ans, str) and len(ans) == 1 and ans.isalpha():
+            ans = ord(ans.upper()) - 65
+        if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
+            raise FedCoLLMError(f"{where}: 'answer' must be a choice index or letter, got {obj.get('answer')!r}")
+        return MCQRecord(str(obj.get("id", where)), q, tuple(choices), ans, style)
+    raise FedCoLLMError(f"{where}: no 'question' (AI2 format object or generic string)")
+
+
+def read_jsonl(path: str | Path, style: str = "arc") -> list[MCQRecord]:
+    """Read one MCQ JSONL file; a malformed line is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedCoLLMError(f"data file {str(path)!r} not found")
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FedCoLLMError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise FedCoLLMError(f"{where}: expected a JSON object")
+            records.append(_parse_line(obj, style, where))
+    if not records:
+        raise FedCoLLMError(f"data file {str(path)!r} holds no records")
+    return records
+
+
+def candidate_roots(user_path: str = "") -> list[Path]:
+    """The data roots searched, in order (the hub comes after these)."""
+    roots = []
+    if user_path:
+        roots.append(Path(user_path))
+    if os.environ.get("FEDCOLLM_DATA"):
+        roots.append(Path(os.environ["FEDCOLLM_DATA"]))
+    checkout = Path(__file__).resolve().parents[3]  # src/fedcollm/data/loaders.py -> checkout
+    for base in (checkout, Path.cwd()):
+        p = (base.parent / "shared" / "data").resolve()
+        if p not in roots:
+            roots.append(p)
+    return roots
+
+
+def _from_hub(spec: DatasetSpec, split: str) -> list[MCQRecord]:
+    import datasets  # noqa: PLC0415 - only users with a hub get here
+
+    name, conf = spec.hub
+    ds = datasets.load_dataset(name, conf, split=HUB_SPLITS[split])
+    out = []
+    for i, row in enumerate(ds):
+        stem = row.get("question_stem") or row["question"]
+        obj = {"id": row.get("id", str(i)), "answerKey": row["answerKey"],
+               "question": {"stem": stem, "choices": [
+                   {"text": t, "label": lab}
+                   for t, lab in zip(row["choices"]["text"], row["choices"]["label"])]}}
+        out.append(_parse_line(obj, spec.style, f"{name}:{split}:{i}"))
+    return out
+
+
+def load_split(dataset: str, split: str, user_path: str = "") -> list[MCQRecord]:
+    """Records of one split of a named dataset, from the first place that has it."""
+    if dataset not in DATASETS:
+        raise FedCoLLMError(f"unknown dataset {dataset!r} (known: {', '.join(DATASETS)})")
+    spec = DATASETS[dataset]
+    tried = []
+    for root in candidate_roots(user_path):
+        f = root / spec.files[split]
+        if f.is_file():
+            return read_jsonl(f, spec.style)
+        tried.append(str(f))
+    try:
+        return _from_hub(spec, split)
+    except Exception as e:  # noqa: BLE001 - any hub failure ends the search
+        tried.append(f"hub {spec.hub[0]} ({type(e).__name__})")
+    raise FedCoLLMError(f"dataset {dataset!r} split {split!r} not found; tried: {'; '.join(tried)}")
+
+
+def load_train_and_eval(cfg_data) -> tuple[list[MCQRecord], list[MCQRecord]]:
+    """The training split and the evaluation split the config names (files override)."""
+    style = DATASETS[cfg_data.dataset].style if cfg_data.dataset in DATASETS else "arc"
+    if cfg_data.train_file:
+        train = read_jsonl(cfg_data.train_file, style)
+    else:
+        train = load_split(cfg_data.dataset, "train", cfg_data.path)
+    if cfg_data.eval_file:
+        evals = read_jsonl(cfg_data.eval_file, style)
+    else:
+        evals = load_split(cfg_data.dataset, cfg_data.eval_split, cfg_data.path)
+    return train, evals

@@ -1,0 +1,1 @@
+"""Zero-shot multiple-choice evaluation by log-likelihood (lm-evaluation-harness protocol)."""

@@ -1,0 +1,1 @@
+"""The Flower layer: it moves adapters between clients and server and calls the algorithm."""

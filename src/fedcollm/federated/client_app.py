@@ -1,0 +1,66 @@
+"""The client: local answer-only SFT of the SLM adapter on its own private part."""
+
+from __future__ import annotations
+
+import torch
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
+
+from fedcollm import components
+from fedcollm.config import Config
+from fedcollm.federated.app_config import config_from_run_config
+from fedcollm.models.lora import adapter_to_ndarrays, load_adapter_ndarrays
+from fedcollm.train.sft import sft
+
+
+class SLMClient(NumPyClient):
+    def __init__(self, cfg: Config, partition_id: int):
+        self.cfg = cfg
+        self.partition_id = partition_id
+
+    def fit(self, parameters, config):
+        cfg = self.cfg
+        torch.set_num_threads(cfg.federation.client_cpus)
+        model = components.cached_client_slm(cfg)
+        examples = components.run_data(cfg).clients[self.partition_id]
+        load_adapter_ndarrays(model, parameters)
+        rnd = int(config.get("round", 0))
+        seed = cfg.run.seed * 1_000_003 + rnd * 1009 + self.partition_id
+        torch.manual_seed(seed)  # LoRA dropout: same run, same seed, same adapter
+        stats = sft(model, examples, epochs=cfg.client.local_epochs, lr=cfg.client.lr,
+                    batch_size=cfg.client.batch_size, pad_id=components.tokenizer(cfg).pad_token_id,
+                    seed=seed, device=components.device_of(cfg), weight_decay=cfg.client.weight_decay)
+        return adapter_to_ndarrays(model), len(examples), {"loss": float(stats["loss"]),
+                                                           "steps": int(stats["steps"])}
+
+
+def secure_aggregation_mod(msg, context, call_next):
+    """Hand SecAgg+ stages to Flower's secaggplus_mod; plain rounds pass straight through.
+
+    (secaggplus_mod itself fails on a message without SecAgg+ configs.)
+    """
+    if SECAGG_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def partition_of(context, num_clients: int) -> int:
+    pid = int(context.node_config.get("partition-id", 0))
+    if not 0 <= pid < num_clients:
+        raise ValueError(f"node-config partition-id={pid} is outside 0..{num_clients - 1}")
+    return pid
+
+
+def make_client_app(cfg: Config | None = None) -> ClientApp:
+    """A ClientApp bound to `cfg`, or (None) reading it from the run config (`flwr run`)."""
+
+    def client_fn(context):
+        c = cfg or config_from_run_config(context.run_config)
+        return SLMClient(c, partition_of(context, c.data.num_clients)).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+
+
+app = make_client_app()

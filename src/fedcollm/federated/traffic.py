@@ -1,0 +1,48 @@
+"""Byte accounting from the Flower messages themselves, and a bound on every wait.
+
+The server's workflows (plain FedAvg and SecAgg+ alike) talk to clients only through
+`grid.send_and_receive`; wrapping the grid there counts every message's payload, per client,
+whatever the protocol's number of stages.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+
+def payload_bytes(msg) -> int:
+    """Bytes of a message's content (arrays, configs, metrics), as Flower counts them."""
+    if not msg.has_content():
+        return 0
+    return sum(record.count_bytes() for record in msg.content.values())
+
+
+class CountingGrid:
+    """A Grid that counts bytes down (server→client) and up (client→server) per node."""
+
+    def __init__(self, grid, timeout: float | None):
+        self._grid = grid
+        self._timeout = timeout
+        self.down: dict[int, int] = defaultdict(int)
+        self.up: dict[int, int] = defaultdict(int)
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable, *, timeout: float | None = None):
+        messages = list(messages)
+        for m in messages:
+            self.down[m.metadata.dst_node_id] += payload_bytes(m)
+        # Flower waits forever by default: a silent client must not hang the server.
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout or self._timeout))
+        for r in replies:
+            self.up[r.metadata.src_node_id] += payload_bytes(r)
+        return replies
+
+    def take(self) -> tuple[dict[int, int], dict[int, int]]:
+        """Bytes counted since the last call, per node: (down, up)."""
+        down, up = dict(self.down), dict(self.up)
+        self.down.clear()
+        self.up.clear()
+        return down, up

@@ -1,0 +1,1 @@
+"""Plain torch training loops: answer-only SFT (clients) and mutual KD (server)."""

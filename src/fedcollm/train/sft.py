@@ -1,0 +1,37 @@
+"""Client-side supervised fine-tuning of the LoRA adapter: causal-LM loss on answer tokens only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fedcollm.data.encode import Encoded
+from fedcollm.train.batches import answer_logits, batches, num_batches, trainable
+
+
+def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: int, pad_id: int,
+        seed: int, device: torch.device, weight_decay: float = 0.0, progress: bool = False,
+        desc: str = "sft") -> dict[str, float]:
+    """Train the model's trainable (adapter) parameters; return the mean loss and step count."""
+    model.train()
+    # A fresh optimizer per call: FedAvg clients start each round from the global adapter.
+    opt = torch.optim.AdamW(trainable(model), lr=lr, weight_decay=weight_decay)
+    total, steps = 0.0, 0
+    bar = tqdm(total=epochs * num_batches(len(examples), batch_size), desc=desc,
+               disable=not progress, leave=False)
+    for epoch in range(epochs):
+        for batch in batches(examples, batch_size, pad_id, seed + epoch, device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            pred, target = answer_logits(logits, batch["labels"])
+            loss = F.cross_entropy(pred.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    return {"loss": total / max(steps, 1), "steps": steps}
