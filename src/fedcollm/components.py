@@ -84,16 +84,19 @@ def slm_base(cfg: Config):
     _check_same_tokenizer(cfg)
     if cfg.model.slm:
         return load_base_model(cfg.model.slm, dtype_of(cfg), device_of(cfg), cfg.model.cache_dir)
-    base = load_base_model(cfg.model.llm, dtype_of(cfg), device_of(cfg), cfg.model.cache_dir)
-    return prune_layers(base, cfg.model.slm_keep_first, cfg.model.slm_keep_last)
+    return prune_layers(llm_base(cfg), cfg.model.slm_keep_first, cfg.model.slm_keep_last)
 
 
 def build_slm(cfg: Config):
     return _with_adapter(slm_base(cfg), cfg)
 
 
+def llm_base(cfg: Config):
+    return load_base_model(cfg.model.llm, dtype_of(cfg), device_of(cfg), cfg.model.cache_dir)
+
+
 def build_llm(cfg: Config):
-    return _with_adapter(load_base_model(cfg.model.llm, dtype_of(cfg), device_of(cfg), cfg.model.cache_dir), cfg)
+    return _with_adapter(llm_base(cfg), cfg)
 
 
 @functools.lru_cache(maxsize=2)

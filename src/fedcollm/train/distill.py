@@ -60,7 +60,9 @@ def mutual_distill(llm, slm, examples: list[Encoded], cfg, *, pad_id: int, seed:
     llm.train()
     slm.train()
     # One optimizer over both adapters; they share no parameters, so this equals two optimizers.
-    opt = torch.optim.AdamW(trainable(llm) + trainable(slm), lr=cfg.lr)
+    # No weight decay: it would move an adapter that no loss term reaches (a switched-off
+    # direction with CE off), and the ablations must leave that adapter exactly as it was.
+    opt = torch.optim.AdamW(trainable(llm) + trainable(slm), lr=cfg.lr, weight_decay=0.0)
     sums: dict[str, float] = {}
     steps = 0
     bar = tqdm(total=cfg.epochs * num_batches(len(examples), cfg.batch_size), desc="server KD",

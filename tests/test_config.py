@@ -1,0 +1,64 @@
+"""Config: presets, --set overrides, and bad input → exit code != 0 with a one-line error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fedcollm.cli import main
+from fedcollm.config import load_config
+from fedcollm.errors import FedCoLLMError
+
+
+def test_preset_and_overrides():
+    cfg = load_config(preset="smoke", overrides=["federation.rounds=5", "distill.temperature=1",
+                                                  'lora.target_modules=["q_proj"]'])
+    assert cfg.federation.rounds == 5
+    assert cfg.distill.temperature == 1.0 and isinstance(cfg.distill.temperature, float)
+    assert cfg.lora.target_modules == ("q_proj",)
+    assert cfg.model.llm == "tiny-random"
+
+
+def test_toml_file_and_round_trip(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('preset = "smoke"\n[data]\nnum_clients = 3\n')
+    cfg = load_config(f)
+    assert cfg.data.num_clients == 3
+    again = tmp_path / "again.toml"
+    again.write_text(cfg.to_toml())
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["federation.roundz=3"], "unknown key 'federation.roundz'"),
+    (["federation.rounds=\"three\""], "federation.rounds must be an integer, got 'three'"),
+    (["federation.rounds=0"], "federation.rounds must be > 0, got 0"),
+    (["distill.top_k=-1"], "distill.top_k must be >= 0, got -1"),
+    (["data.partition=\"zipf\""], "data.partition = 'zipf' is not one of iid, dirichlet"),
+    (["data.train_file=\"/nope.jsonl\""], "data.train_file = '/nope.jsonl': no such file"),
+    (["lora.dropout=1.5"], "lora.dropout must be in [0, 1), got 1.5"),
+    (["data.dataset=\"mcq_jsonl\""], "needs data.train_file and data.eval_file"),
+])
+def test_bad_config_one_line_error(overrides, message):
+    with pytest.raises(FedCoLLMError) as err:
+        load_config(overrides=overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_bad_config_exits_nonzero_with_one_line(capsys, tmp_path):
+    assert main(["run", "--set", "federation.rounds=x1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "federation.rounds" in err
+    assert main(["run", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml' not found" in capsys.readouterr().err
+
+
+def test_cli_process_exit_code_for_unknown_key():
+    proc = subprocess.run([sys.executable, "-m", "fedcollm.cli", "run", "--set", "model.size=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["fedcollm: error: config: unknown key 'model.size' (known: cache_dir, device, dtype, "
+                     "llm, slm, slm_keep_first, slm_keep_last)"]

@@ -1,0 +1,76 @@
+"""Loaders: the four datasets from ../shared/data, the generic form, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedcollm.data.loaders import candidate_roots, load_split, read_jsonl
+from fedcollm.errors import FedCoLLMError
+
+SHARED = next((r for r in candidate_roots() if (r / "arc").is_dir()), None)
+needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared/data not present")
+
+
+@needs_shared
+@pytest.mark.parametrize("name,split,rows,n_choices", [
+    ("arc_easy", "train", 2251, None), ("arc_easy", "test", 2376, None),
+    ("arc_challenge", "validation", 299, None), ("openbookqa", "test", 500, 4),
+    ("commonsense_qa", "test", 1221, 5),  # lm-eval evaluates CSQA on its dev split
+])
+def test_shared_datasets_load(name, split, rows, n_choices):
+    recs = load_split(name, split)
+    assert len(recs) == rows
+    assert all(0 <= r.answer < len(r.choices) for r in recs)
+    if n_choices:
+        assert {len(r.choices) for r in recs} == {n_choices}
+
+
+@needs_shared
+def test_digit_labels_map_by_position():
+    recs = read_jsonl(SHARED / "arc" / "ARC-Easy-Train.jsonl")
+    raw = [json.loads(line) for line in (SHARED / "arc" / "ARC-Easy-Train.jsonl").open()]
+    digit = [(r, rec) for r, rec in zip(raw, recs) if r["answerKey"].isdigit()]
+    assert digit, "expected some ARC rows labelled 1-4"
+    for r, rec in digit:
+        assert rec.answer == int(r["answerKey"]) - 1
+
+
+def test_generic_form_with_letter_or_index(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"question": "2+2?", "choices": ["3", "4"], "answer": "B"}\n\n'
+                 '{"id": "z", "question": "1+1?", "choices": ["2", "5"], "answer": 0}\n')
+    recs = read_jsonl(f)
+    assert [(r.answer, r.choices) for r in recs] == [(1, ("3", "4")), (0, ("2", "5"))]
+    assert recs[1].id == "z"
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"question": "q", "choices": ["a", "b"], "answer": 5}', "'answer' must be a choice index or letter, got 5"),
+    ('{"question": "q", "choices": ["a"], "answer": 0}', "'choices' must be a list of at least 2 strings"),
+    ("{not json", "not valid JSON"),
+    ('{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "C"}',
+     "answerKey 'C' is not one of the labels ['A']"),
+    ('{"prompt": "q"}', "no 'question'"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"question": "ok?", "choices": ["a", "b"], "answer": 0}\n' + line + "\n")
+    with pytest.raises(FedCoLLMError) as err:
+        read_jsonl(f)
+    text = str(err.value)
+    assert text.startswith(f"{f}:2: ") and message in text and "\n" not in text
+
+
+def test_missing_dataset_names_every_place_tried(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDCOLLM_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(FedCoLLMError) as err:
+        load_split("arc_challenge", "test", str(tmp_path / "mine"))
+    text = str(err.value)
+    assert str(tmp_path / "mine" / "arc" / "ARC-Challenge-Test.jsonl") in text
+    assert str(tmp_path / "env" / "arc" / "ARC-Challenge-Test.jsonl") in text
+    assert "shared/data/arc/ARC-Challenge-Test.jsonl" in text
+    assert "hub allenai/ai2_arc" in text
