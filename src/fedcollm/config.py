@@ -100,7 +100,17 @@ class FederationConfig:
     secure_aggregation: bool = False
     client_cpus: int = 1  # CPU cores per simulated client (Ray actor); sets torch threads
     client_gpus: float = 0.0
-    round_timeout: float = 3600.0  # seconds the server waits for client replies per round
+    round_timeout: float = 3600.0  # seconds the server waits for client replies per stage
+    # SecAgg+ (Flower's): every client value must lie in ±clipping_range (a client refuses,
+    # rather than let Flower clip silently); quantization_range levels over that range. LoRA
+    # values stay well under 1 (A starts at ±1/sqrt(fan_in), B at 0), so ±1 with 2^22 levels
+    # gives a step of 4.8e-7. Shares go to all sampled clients (num_shares = 1.0); any
+    # reconstruction_threshold fraction of them (0.75: 3 of 4) can unmask the sum, so one
+    # dropout in four is survived.
+    secagg_clipping_range: float = 1.0
+    secagg_quantization_range: int = 4194304
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.75
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,8 @@ POSITIVE = {
     "client.lr", "client.batch_size", "distill.lr", "distill.batch_size", "distill.temperature",
     "federation.rounds", "federation.fraction_fit", "federation.client_cpus",
     "federation.round_timeout", "run.eval_batch_size", "data.dirichlet_alpha",
+    "federation.secagg_clipping_range", "federation.secagg_quantization_range",
+    "federation.secagg_num_shares", "federation.secagg_reconstruction_threshold",
 }
 NON_NEGATIVE = {
     "lora.dropout", "data.max_train_examples", "data.eval_examples", "distill.epochs",
@@ -255,6 +267,9 @@ def _validate(cfg: Config) -> None:
             raise FedCoLLMError(f"config: {key} must be >= 0, got {flat[key]!r}")
     if cfg.federation.fraction_fit > 1:
         raise FedCoLLMError(f"config: federation.fraction_fit must be <= 1, got {cfg.federation.fraction_fit}")
+    for key in ("secagg_num_shares", "secagg_reconstruction_threshold"):
+        if getattr(cfg.federation, key) > 1:
+            raise FedCoLLMError(f"config: federation.{key} is a fraction of the sampled clients, must be <= 1")
     if not 0 <= cfg.lora.dropout < 1:
         raise FedCoLLMError(f"config: lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     if not cfg.lora.target_modules:

@@ -18,20 +18,34 @@ def _fmt(x: Any, pct: bool = False) -> str:
     return str(x)
 
 
+def _bytes(x) -> str:
+    return "–" if x is None else f"{x:,.0f}"
+
+
 class Recorder:
     """Appends one JSON object per round to metrics.jsonl, as soon as the round is scored."""
 
     def __init__(self, out_dir: Path, echo: bool = True):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict] = []
+        self.rows: list[dict] = []  # scored rounds
+        self.failed: list[dict] = []  # rounds that produced no aggregate
         self.echo = echo
         (self.out / "metrics.jsonl").write_text("")
 
-    def add_round(self, row: dict) -> None:
-        self.rows.append(row)
+    def _append(self, row: dict) -> None:
         with (self.out / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+    def add_failed_round(self, row: dict) -> None:
+        self.failed.append(row)
+        self._append(row)
+        print(f"[fedcollm] round {row['round']} FAILED: {row['failed']}; keeping the previous "
+              "global adapter and stopping", flush=True)
+
+    def add_round(self, row: dict) -> None:
+        self.rows.append(row)
+        self._append(row)
         if self.echo:
             print(f"[fedcollm] round {row['round']}: SLM acc {_fmt(row['slm']['acc'], True)} "
                   f"acc_norm {_fmt(row['slm']['acc_norm'], True)} | LLM acc {_fmt(row['llm']['acc'], True)} "
@@ -67,18 +81,29 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
             f"| {r['round']} | {_fmt(r['slm']['acc'], True)} | {_fmt(r['slm']['acc_norm'], True)} | "
             f"{_fmt(r['llm']['acc'], True)} | {_fmt(r['llm']['acc_norm'], True)} | {_fmt(r.get('client_loss'))} | "
             f"{_fmt(r.get('kd_ce_llm'))}/{_fmt(r.get('kd_ce_slm'))} | {_fmt(r.get('kd_kl_llm'))}/{_fmt(r.get('kd_kl_slm'))} | "
-            f"{_fmt(r.get('bytes_up_per_client'))} | {_fmt(r.get('bytes_down_per_client'))} |")
+            f"{_bytes(r.get('bytes_up_per_client'))} | {_bytes(r.get('bytes_down_per_client'))} |")
     lines += [
         "", "## Communication", "",
         f"- adapter parameters: {c['adapter_params']:,} (SLM without adapter: {c['full_slm_params']:,})",
         f"- bytes up per client per round: {c['bytes_up_per_client_round']:,.0f}; down: {c['bytes_down_per_client_round']:,.0f}"
         " (payload of the Flower messages)",
         f"- full SLM in fp32: {c['full_slm_fp32_bytes']:,} bytes; ratio up/full = {100 * c['ratio']:.3f}%",
-        f"- secure aggregation: {summary['secure_aggregation']}",
+        f"- secure aggregation: {_secure_line(summary['secure_aggregation'])}",
         "", f"Models: LLM `{summary['llm_model']}`, SLM `{summary['slm_model']}`; "
         f"{summary['num_clients']} clients; wall time {summary['wall_s']:.0f} s.",
     ]
+    if summary.get("stopped"):
+        lines += ["", f"**Stopped early:** {summary['stopped']} (adapters are from the last good round)."]
     return "\n".join(lines) + "\n"
+
+
+def _secure_line(secure) -> str:
+    if not secure:
+        return "off (plain FedAvg; the server sees each client's adapter)"
+    return (f"on, {secure['protocol']}: clipping ±{secure['clipping_range']}, "
+            f"{secure['quantization_range']} levels, shares {secure['num_shares']}, threshold "
+            f"{secure['reconstruction_threshold']}, max_weight {secure['max_weight']}; "
+            f"max abs error vs FedAvg ≤ {secure['max_abs_error_bound']:.2e}")
 
 
 def plot_rounds(rows: list[dict], path: Path, title: str) -> None:

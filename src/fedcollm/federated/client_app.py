@@ -11,6 +11,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedcollm import components
 from fedcollm.config import Config
 from fedcollm.federated.app_config import config_from_run_config
+from fedcollm.federated.secagg import check_in_range
 from fedcollm.models.lora import adapter_to_ndarrays, load_adapter_ndarrays
 from fedcollm.train.sft import sft
 
@@ -32,8 +33,13 @@ class SLMClient(NumPyClient):
         stats = sft(model, examples, epochs=cfg.client.local_epochs, lr=cfg.client.lr,
                     batch_size=cfg.client.batch_size, pad_id=components.tokenizer(cfg).pad_token_id,
                     seed=seed, device=components.device_of(cfg), weight_decay=cfg.client.weight_decay)
-        return adapter_to_ndarrays(model), len(examples), {"loss": float(stats["loss"]),
-                                                           "steps": int(stats["steps"])}
+        arrays = adapter_to_ndarrays(model)
+        if cfg.federation.secure_aggregation:
+            check_in_range(arrays, cfg.federation.secagg_clipping_range, f"client {self.partition_id}")
+        print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "
+              f"loss {stats['loss']:.3f}", flush=True)
+        return arrays, len(examples), {"loss": float(stats["loss"]), "steps": int(stats["steps"]),
+                                       "partition": self.partition_id}
 
 
 def secure_aggregation_mod(msg, context, call_next):
@@ -53,14 +59,17 @@ def partition_of(context, num_clients: int) -> int:
     return pid
 
 
-def make_client_app(cfg: Config | None = None) -> ClientApp:
-    """A ClientApp bound to `cfg`, or (None) reading it from the run config (`flwr run`)."""
+def make_client_app(cfg: Config | None = None, extra_mods=()) -> ClientApp:
+    """A ClientApp bound to `cfg`, or (None) reading it from the run config (`flwr run`).
+
+    extra_mods run outermost (tests use one to inject faults at a given protocol stage).
+    """
 
     def client_fn(context):
         c = cfg or config_from_run_config(context.run_config)
         return SLMClient(c, partition_of(context, c.data.num_clients)).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+    return ClientApp(client_fn=client_fn, mods=[*extra_mods, secure_aggregation_mod])
 
 
 app = make_client_app()

@@ -16,14 +16,21 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
 from fedcollm.config import Config
+from fedcollm.errors import FedCoLLMError
+from fedcollm.federated import secagg
 from fedcollm.federated.app_config import config_from_run_config
 from fedcollm.federated.strategy import FedCoLLMStrategy
 from fedcollm.federated.traffic import CountingGrid
-from fedcollm.models.lora import adapter_numel, base_numel
+from fedcollm.models.lora import adapter_numel, adapter_to_ndarrays, base_numel
 from fedcollm.report import Recorder, build_summary, write_outputs
 
 
-def run_server(grid, context, cfg: Config) -> dict:
+def run_server(grid, context, cfg: Config, observe=None) -> dict:
+    """Run all rounds, then write the outputs from the last good state.
+
+    `observe(strategy, grid)` is called before the first round (tests instrument what the
+    server sees through it). Raises FedCoLLMError, after writing the outputs, if a round failed.
+    """
     t0 = time.time()
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -31,9 +38,13 @@ def run_server(grid, context, cfg: Config) -> dict:
     recorder = Recorder(out)
     counting = CountingGrid(grid, cfg.federation.round_timeout)
     strategy = FedCoLLMStrategy(cfg, recorder, counting)
+    secure = _secure_settings(cfg, strategy) if cfg.federation.secure_aggregation else None
+    if observe is not None:
+        observe(strategy, counting)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds),
                            strategy=strategy)
-    DefaultWorkflow(fit_workflow=None)(counting, legacy)
+    fit_workflow = secagg.make_fit_workflow(cfg, secure["max_weight"]) if secure else None
+    DefaultWorkflow(fit_workflow=fit_workflow)(counting, legacy)
 
     strategy.slm.save_pretrained(out / "adapters" / "slm")
     strategy.llm.save_pretrained(out / "adapters" / "llm")
@@ -44,19 +55,35 @@ def run_server(grid, context, cfg: Config) -> dict:
         "dataset": cfg.data.dataset, "eval_split": cfg.data.eval_split,
         "num_clients": cfg.data.num_clients, "llm_model": cfg.model.llm,
         "slm_model": cfg.model.slm or f"{cfg.model.llm} layers 0-{cfg.model.slm_keep_first - 1} + last {cfg.model.slm_keep_last}",
-        "secure_aggregation": cfg.federation.secure_aggregation, "seed": cfg.run.seed,
-        "config_digest": cfg.digest(), "wall_s": time.time() - t0})
+        "secure_aggregation": secure or False, "seed": cfg.run.seed, "stopped": strategy.stopped,
+        "failed_rounds": recorder.failed, "config_digest": cfg.digest(), "wall_s": time.time() - t0})
     write_outputs(out, recorder.rows, summary, shlex.join(["fedcollm", *sys.argv[1:]]))
+    if strategy.stopped:
+        raise FedCoLLMError(f"run stopped in round {strategy.failed_round}: {strategy.stopped}; "
+                            f"outputs from the last good round are in {out}")
     return summary
 
 
-def make_server_app(cfg: Config | None = None) -> ServerApp:
+def _secure_settings(cfg: Config, strategy: FedCoLLMStrategy) -> dict:
+    """SecAgg+ parameters as reported, after checking the initial adapter fits the range."""
+    f = cfg.federation
+    secagg.check_in_range(adapter_to_ndarrays(strategy.slm), f.secagg_clipping_range / 2,
+                          "the initial global adapter (needs headroom to half the range)")
+    sizes = [len(part) for part in strategy.data.clients]
+    return {"protocol": "SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow)",
+            "clipping_range": f.secagg_clipping_range, "quantization_range": f.secagg_quantization_range,
+            "num_shares": f.secagg_num_shares, "reconstruction_threshold": f.secagg_reconstruction_threshold,
+            "max_weight": max(sizes), "timeout_s": f.round_timeout,
+            "max_abs_error_bound": secagg.error_bound(cfg, sizes, max(sizes))}
+
+
+def make_server_app(cfg: Config | None = None, observe=None) -> ServerApp:
     """A ServerApp bound to `cfg`, or (None) reading it from the run config (`flwr run`)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid, context) -> None:
-        run_server(grid, context, cfg or config_from_run_config(context.run_config))
+        run_server(grid, context, cfg or config_from_run_config(context.run_config), observe)
 
     return server_app
 

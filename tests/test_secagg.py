@@ -1,0 +1,148 @@
+"""Secure aggregation with Flower's SecAgg+: exact enough, blind server, dropouts, range guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from sim import simulate
+
+from fedcollm import components
+from fedcollm.errors import FedCoLLMError
+from fedcollm.federated.secagg import check_in_range, error_bound
+
+
+def fail_partition_3_after_key_sharing(msg, context, call_next):
+    """Client 3 dies once it has shared its keys (at the masked-vector stage)."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if (int(context.node_config["partition-id"]) == 3 and configs is not None
+            and configs.get(SecAggKey.STAGE) == Stage.COLLECT_MASKED_VECTORS):
+        raise RuntimeError("client 3 crashed")
+    return call_next(msg, context)
+
+
+def fail_partitions_2_and_3_after_key_sharing(msg, context, call_next):
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if (int(context.node_config["partition-id"]) in (2, 3) and configs is not None
+            and configs.get(SecAggKey.STAGE) == Stage.COLLECT_MASKED_VECTORS):
+        raise RuntimeError("client crashed")
+    return call_next(msg, context)
+
+
+def _with(cfg, **federation):
+    return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, **federation))
+
+
+def _one_round(cfg, out: Path, secure: bool):
+    cfg = _with(cfg, rounds=1, secure_aggregation=secure)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out)))
+
+
+def _weighted_mean(updates):
+    total = sum(n for n, _, _ in updates)
+    return [sum(n * arrs[i] for n, _, arrs in updates) / total for i in range(len(updates[0][2]))]
+
+
+@pytest.fixture(scope="module")
+def plain_round(smoke_cfg_module, tmp_path_factory):
+    """Round-1 client updates in the clear (plain FedAvg), for reference."""
+    seen = simulate(_one_round(smoke_cfg_module, tmp_path_factory.mktemp("plain"), secure=False))
+    return {part: (n, arrs) for n, part, arrs in seen["fit_inputs"][1]}
+
+
+@pytest.fixture(scope="module")
+def smoke_cfg_module(mcq_files, tmp_path_factory):
+    from fedcollm.config import load_config  # noqa: PLC0415
+
+    train, evals = mcq_files
+    return load_config(preset="smoke", overrides=[
+        'data.dataset="mcq_jsonl"', f'data.train_file="{train}"', f'data.eval_file="{evals}"',
+        "run.progress=false", "data.max_train_examples=50"])  # 10 per part, 4 clients
+
+
+def test_secure_aggregate_equals_weighted_fedavg_and_server_is_blind(smoke_cfg_module, plain_round, tmp_path):
+    cfg = _one_round(smoke_cfg_module, tmp_path / "secure", secure=True)
+    seen = simulate(cfg)
+    updates = [(n, p, arrs) for p, (n, arrs) in plain_round.items()]
+    expected = _weighted_mean(updates)
+    fit_inputs = seen["fit_inputs"][1]
+    assert len(fit_inputs) == 4
+    sizes = [len(p) for p in components.run_data(cfg).clients]
+    bound = error_bound(cfg, sizes, max(sizes))
+    for _, _, arrs in fit_inputs:  # every "result" carries the same unmasked aggregate
+        worst = max(float(np.max(np.abs(a - e))) for a, e in zip(arrs, expected))
+        assert worst <= bound + 1e-7, (worst, bound)
+    # No reply the server received holds any client's adapter in the clear.
+    client_arrays = [a for _, arrs in plain_round.values() for a in arrs]
+    received = []
+    for msg in seen["replies"]:
+        for record in msg.content.array_records.values():
+            received += [arr.numpy() for arr in record.values()]
+        for record in msg.content.config_records.values():
+            for value in record.values():
+                if isinstance(value, list) and value and isinstance(value[0], bytes):
+                    for b in value:
+                        try:
+                            received.append(bytes_to_ndarray(b))
+                        except Exception:  # noqa: BLE001 - ciphertexts and keys are not arrays
+                            pass
+    assert received, "expected the masked vectors among the replies"
+    for got in received:
+        for ref in client_arrays:
+            if got.shape == ref.shape:
+                assert not np.allclose(got.astype(np.float64), ref, atol=1e-3)
+    summary = json.loads((tmp_path / "secure" / "summary.json").read_text())
+    assert summary["secure_aggregation"]["max_weight"] == max(sizes)
+    assert summary["secure_aggregation"]["max_abs_error_bound"] == pytest.approx(bound)
+
+
+def test_one_dropout_after_key_sharing_gives_survivors_mean(smoke_cfg_module, plain_round, tmp_path):
+    cfg = _one_round(smoke_cfg_module, tmp_path / "drop1", secure=True)
+    seen = simulate(cfg, extra_mods=(fail_partition_3_after_key_sharing,))
+    survivors = [(n, p, arrs) for p, (n, arrs) in plain_round.items() if p != 3]
+    expected = _weighted_mean(survivors)
+    fit_inputs = seen["fit_inputs"][1]
+    assert len(fit_inputs) == 3
+    sizes = [n for n, _, _ in survivors]
+    bound = error_bound(cfg, sizes, max(len(p) for p in components.run_data(cfg).clients))
+    worst = max(float(np.max(np.abs(a - e))) for a, e in zip(fit_inputs[0][2], expected))
+    assert worst <= bound + 1e-7
+    row = json.loads((tmp_path / "drop1" / "metrics.jsonl").read_text().splitlines()[1])
+    assert row["clients_ok"] == 3 and row["clients_failed"] == 1
+
+
+def test_too_many_dropouts_fail_the_round_and_keep_the_adapter(smoke_cfg_module, tmp_path):
+    cfg = _one_round(smoke_cfg_module, tmp_path / "drop2", secure=True)
+    with pytest.raises(FedCoLLMError, match="run stopped in round 1: secure aggregation halted"):
+        simulate(cfg, extra_mods=(fail_partitions_2_and_3_after_key_sharing,))
+    out = tmp_path / "drop2"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["round"] == 0 and rows[1]["round"] == 1 and "secure aggregation halted" in rows[1]["failed"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 0 and "halted" in summary["stopped"]
+    # The saved SLM adapter is the initial global one (B = 0), not a partial aggregate.
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    saved = load_file(out / "adapters" / "slm" / "adapter_model.safetensors")
+    assert all(not v.any() for k, v in saved.items() if "lora_B" in k)
+
+
+def test_out_of_range_values_are_refused_not_clipped():
+    ok = [np.array([0.5, -0.99], dtype=np.float32)]
+    check_in_range(ok, 1.0, "client 0")
+    with pytest.raises(FedCoLLMError, match=r"client 2: adapter value 1\.5 is outside the secure-aggregation range ±1"):
+        check_in_range([np.array([0.1, -1.5], dtype=np.float32)], 1.0, "client 2")
+    with pytest.raises(FedCoLLMError, match="outside"):
+        check_in_range([np.array([np.nan], dtype=np.float32)], 1.0, "client 2")
+
+
+def test_run_refuses_a_range_the_initial_adapter_does_not_fit(smoke_cfg_module, tmp_path):
+    cfg = _with(_one_round(smoke_cfg_module, tmp_path / "tiny", secure=True), secagg_clipping_range=1e-3)
+    with pytest.raises(FedCoLLMError, match="the initial global adapter .* outside the secure-aggregation range"):
+        simulate(cfg)
