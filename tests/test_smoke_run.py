@@ -66,3 +66,18 @@ def test_saved_adapters_load_with_peft(smoke_run):
         b = [v for k, v in model.state_dict().items() if "lora_B" in k]
         assert b and any(t.abs().sum() > 0 for t in b), f"{name} adapter was not trained"
         assert model(ids).logits.shape[-1] == base.config.vocab_size
+
+
+def test_eval_command_scores_the_saved_slm_like_the_run(smoke_run, mcq_files):
+    out, _ = smoke_run
+    _, evals = mcq_files
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcollm.cli", "eval", "--model", "tiny-random", "--prune", "1,1",
+         "--adapter", str(out / "adapters" / "slm"), "--file", str(evals)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert got["n"] == 12
+    assert got["acc"] == pytest.approx(summary["slm"]["acc"])
+    assert got["acc_norm"] == pytest.approx(summary["slm"]["acc_norm"])

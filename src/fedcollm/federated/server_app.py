@@ -45,6 +45,7 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
                            strategy=strategy)
     fit_workflow = secagg.make_fit_workflow(cfg, secure["max_weight"]) if secure else None
     DefaultWorkflow(fit_workflow=fit_workflow)(counting, legacy)
+    strategy.rounds_bar.close()
 
     strategy.slm.save_pretrained(out / "adapters" / "slm")
     strategy.llm.save_pretrained(out / "adapters" / "llm")

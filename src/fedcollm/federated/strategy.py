@@ -18,6 +18,7 @@ import time
 import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
+from tqdm.auto import tqdm
 
 from fedcollm import components
 from fedcollm.config import Config
@@ -51,6 +52,8 @@ class FedCoLLMStrategy(FedAvg):
         self.stopped: str | None = None  # why the run ended early, if it did
         self.failed_round: int | None = None
         self.sampled = 0  # clients asked to fit this round
+        self.rounds_bar = tqdm(total=cfg.federation.rounds, desc="rounds", unit="round",
+                               disable=not cfg.run.progress)
 
     def __repr__(self) -> str:
         return "FedCoLLMStrategy(FedAvg + server mutual KD)"
@@ -109,6 +112,7 @@ class FedCoLLMStrategy(FedAvg):
                **(self._take_bytes() if server_round else {}), "eval_s": time.time() - t0}
         self.round_stats = {}
         self.recorder.add_round(row)
+        self.rounds_bar.update(1 if server_round else 0)
         return 0.0, {"slm_acc": slm["acc"], "llm_acc": llm["acc"]}
 
     def _take_bytes(self) -> dict:
