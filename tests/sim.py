@@ -5,16 +5,14 @@ from __future__ import annotations
 import sys
 
 from flwr.common import parameters_to_ndarrays
-from flwr.simulation import run_simulation
 from ray import cloudpickle
 
-from fedcollm.federated.client_app import make_client_app
-from fedcollm.federated.server_app import make_server_app
+from fedcollm.runs.simulation import run_simulation
 
 
 def simulate(cfg, extra_mods=()) -> dict:
-    """Run cfg; return per round the (num_examples, arrays) the strategy's aggregate_fit got,
-    and every reply message the server received. Exceptions of the run propagate."""
+    """Run cfg; return per round the (num_examples, partition, arrays) the strategy's
+    aggregate_fit got, and every reply message the server received. Run errors propagate."""
     for mod in extra_mods:  # Ray workers cannot import test modules: ship their code by value
         cloudpickle.register_pickle_by_value(sys.modules[mod.__module__])
     seen: dict = {"fit_inputs": {}, "replies": []}
@@ -23,8 +21,9 @@ def simulate(cfg, extra_mods=()) -> dict:
         aggregate_fit, send_and_receive = strategy.aggregate_fit, grid.send_and_receive
 
         def record_fit(rnd, results, failures):
-            seen["fit_inputs"][rnd] = [(r.num_examples, r.metrics.get("partition"), parameters_to_ndarrays(r.parameters))
-                                       for _, r in results]
+            seen["fit_inputs"][rnd] = [
+                (r.num_examples, r.metrics.get("partition"), parameters_to_ndarrays(r.parameters))
+                for _, r in results]
             return aggregate_fit(rnd, results, failures)
 
         def record_replies(messages, *, timeout=None):
@@ -34,10 +33,6 @@ def simulate(cfg, extra_mods=()) -> dict:
 
         strategy.aggregate_fit = record_fit
         grid.send_and_receive = record_replies
-        seen["strategy"] = strategy
 
-    run_simulation(server_app=make_server_app(cfg, observe), client_app=make_client_app(cfg, extra_mods),
-                   num_supernodes=cfg.data.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"include_dashboard": False}})
+    run_simulation(cfg, observe, extra_mods)
     return seen

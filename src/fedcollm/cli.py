@@ -1,4 +1,4 @@
-"""`fedcollm run | eval`: parse arguments, call the launchers, print where the results are."""
+"""`fedcollm run | deploy-local | eval`: parse arguments, call the launchers, print where the results are."""
 
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ def cmd_run(args) -> int:
 
     summary = run_simulation(cfg)
     print(json.dumps({k: summary[k] for k in ("rounds", "slm", "llm")} | {"ratio": summary["comm"]["ratio"]}))
+    print(f"[fedcollm] report: {cfg.run.out_dir}/report.md")
+    return 0
+
+
+def cmd_deploy_local(args) -> int:
+    cfg = _config(args)
+    from fedcollm.runs.deploy import deploy_local  # noqa: PLC0415
+
+    summary = deploy_local(cfg, args.clients, timeout=args.timeout)
+    print(json.dumps({k: summary[k] for k in ("rounds", "slm", "llm", "deployment")}))
     print(f"[fedcollm] report: {cfg.run.out_dir}/report.md")
     return 0
 
@@ -74,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run FedCoLLM in Flower's simulation engine")
     _add_config_args(p_run)
     p_run.set_defaults(func=cmd_run)
+
+    p_dep = sub.add_parser("deploy-local", help="run on a local SuperLink + N SuperNodes (TLS, node auth)")
+    _add_config_args(p_dep)
+    p_dep.add_argument("--clients", type=int, help="number of SuperNodes (= data.num_clients)")
+    p_dep.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the run")
+    p_dep.set_defaults(func=cmd_deploy_local)
 
     p_eval = sub.add_parser("eval", help="score one model (+ adapter) on a multiple-choice split")
     p_eval.add_argument("--model", required=True, help="smollm2-135m | tiny-random | HF id | folder | .gguf")
