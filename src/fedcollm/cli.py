@@ -26,8 +26,28 @@ def _config(args):
     return load_config(args.config, overrides, args.preset)
 
 
+def _resume_config(args):
+    """The config of the run in args.resume, with any --config/--set applied; a change to what
+    the checkpoint was made with is refused unless --force."""
+    import dataclasses  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from fedcollm import checkpoint  # noqa: PLC0415
+    from fedcollm.config import load_config  # noqa: PLC0415
+
+    out = Path(args.resume)
+    state = checkpoint.load(out)
+    if state is None:
+        raise FedCoLLMError(f"--resume {out}: no {checkpoint.NAME} there (nothing to resume)")
+    cfg = load_config(args.config or out / "config.toml", args.overrides, args.preset)
+    if cfg.digest() != state["config_digest"] and not args.force:
+        raise FedCoLLMError(f"--resume {out}: the config differs from the one its checkpoint was made with; "
+                            "pass --force to resume with it anyway")
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out), resume=True))
+
+
 def cmd_run(args) -> int:
-    cfg = _config(args)
+    cfg = _resume_config(args) if args.resume else _config(args)
     from fedcollm.runs.simulation import run_simulation  # noqa: PLC0415
 
     summary = run_simulation(cfg)
@@ -83,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run FedCoLLM in Flower's simulation engine")
     _add_config_args(p_run)
+    p_run.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last complete round")
+    p_run.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
     p_run.set_defaults(func=cmd_run)
 
     p_dep = sub.add_parser("deploy-local", help="run on a local SuperLink + N SuperNodes (TLS, node auth)")

@@ -101,6 +101,12 @@ class FederationConfig:
     client_cpus: int = 1  # CPU cores per simulated client (Ray actor); sets torch threads
     client_gpus: float = 0.0
     round_timeout: float = 3600.0  # seconds the server waits for client replies per stage
+    # A round goes on while at least min_clients returned a valid update; below that it fails,
+    # the previous global adapter is kept and the run stops cleanly.
+    min_clients: int = 1
+    # Updates are rejected (not averaged) if their L2 norm exceeds this: a LoRA r=8 adapter on
+    # SmolLM2 has norm ~20, so 1e3 only stops broken or hostile updates.
+    max_update_norm: float = 1000.0
     # SecAgg+ (Flower's): every client value must lie in ±clipping_range (a client refuses,
     # rather than let Flower clip silently); quantization_range levels over that range. LoRA
     # values stay well under 1 (A starts at ±1/sqrt(fan_in), B at 0), so ±1 with 2^22 levels
@@ -119,6 +125,7 @@ class RunConfig:
     out_dir: str = "runs/latest"
     eval_batch_size: int = 16
     progress: bool = True
+    resume: bool = False  # continue from out_dir/checkpoint.pt (set by `fedcollm run --resume`)
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,7 @@ class Config:
     def digest(self) -> str:
         """Short hash of everything that changes results (the output dir does not)."""
         d = self.to_dict()
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "progress")}
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "progress", "resume")}
         return hashlib.sha256(tomli_w.dumps(d).encode()).hexdigest()[:16]
 
 
@@ -177,6 +184,7 @@ POSITIVE = {
     "federation.round_timeout", "run.eval_batch_size", "data.dirichlet_alpha",
     "federation.secagg_clipping_range", "federation.secagg_quantization_range",
     "federation.secagg_num_shares", "federation.secagg_reconstruction_threshold",
+    "federation.min_clients", "federation.max_update_norm",
 }
 NON_NEGATIVE = {
     "lora.dropout", "data.max_train_examples", "data.eval_examples", "distill.epochs",
@@ -282,6 +290,9 @@ def _validate(cfg: Config) -> None:
         p = getattr(cfg.data, key)
         if p and not Path(p).is_file():
             raise FedCoLLMError(f"config: data.{key} = {p!r}: no such file")
+    if cfg.federation.min_clients > cfg.data.num_clients:
+        raise FedCoLLMError(f"config: federation.min_clients = {cfg.federation.min_clients} exceeds "
+                            f"data.num_clients = {cfg.data.num_clients}")
     if cfg.preset not in PRESETS:
         raise FedCoLLMError(f"config: preset = {cfg.preset!r} is not one of {', '.join(PRESETS)}")
 

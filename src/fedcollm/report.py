@@ -25,13 +25,14 @@ def _bytes(x) -> str:
 class Recorder:
     """Appends one JSON object per round to metrics.jsonl, as soon as the round is scored."""
 
-    def __init__(self, out_dir: Path, echo: bool = True):
+    def __init__(self, out_dir: Path, echo: bool = True, rows: list[dict] = ()):
+        """rows: rounds already scored (a resumed run); metrics.jsonl is rewritten to hold them."""
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict] = []  # scored rounds
+        self.rows: list[dict] = list(rows)  # scored rounds
         self.failed: list[dict] = []  # rounds that produced no aggregate
         self.echo = echo
-        (self.out / "metrics.jsonl").write_text("")
+        (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def _append(self, row: dict) -> None:
         with (self.out / "metrics.jsonl").open("a") as fh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -36,6 +37,8 @@ class SLMClient(NumPyClient):
         arrays = adapter_to_ndarrays(model)
         if cfg.federation.secure_aggregation:
             check_in_range(arrays, cfg.federation.secagg_clipping_range, f"client {self.partition_id}")
+            # SecAgg+ rounds stochastically with numpy's global RNG right after this returns.
+            np.random.seed(seed % 2**32)
         print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "
               f"loss {stats['loss']:.3f}", flush=True)
         return arrays, len(examples), {"loss": float(stats["loss"]), "steps": int(stats["steps"]),

@@ -7,6 +7,7 @@ The strategy's `aggregate_fit` receives the (unmasked) aggregate either way and 
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
+from fedcollm import checkpoint
 from fedcollm.config import Config
 from fedcollm.errors import FedCoLLMError
 from fedcollm.federated import secagg
@@ -34,14 +36,15 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
     t0 = time.time()
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml())
-    recorder = Recorder(out)
+    resume = _resume_state(cfg, out)
+    (out / "config.toml").write_text(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=False)).to_toml())
+    recorder = Recorder(out, rows=resume["rows"] if resume else ())
     counting = CountingGrid(grid, cfg.federation.round_timeout)
-    strategy = FedCoLLMStrategy(cfg, recorder, counting)
+    strategy = FedCoLLMStrategy(cfg, recorder, counting, resume)
     secure = _secure_settings(cfg, strategy) if cfg.federation.secure_aggregation else None
     if observe is not None:
         observe(strategy, counting)
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds),
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds - strategy.offset),
                            strategy=strategy)
     fit_workflow = secagg.make_fit_workflow(cfg, secure["max_weight"]) if secure else None
     DefaultWorkflow(fit_workflow=fit_workflow)(counting, legacy)
@@ -63,6 +66,18 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
         raise FedCoLLMError(f"run stopped in round {strategy.failed_round}: {strategy.stopped}; "
                             f"outputs from the last good round are in {out}")
     return summary
+
+
+def _resume_state(cfg: Config, out: Path) -> dict | None:
+    """The checkpoint to continue from (run.resume), or None after clearing a stale one."""
+    if not cfg.run.resume:
+        (out / checkpoint.NAME).unlink(missing_ok=True)
+        return None
+    state = checkpoint.load(out)
+    if state is None:
+        raise FedCoLLMError(f"--resume: no {checkpoint.NAME} in {out}")
+    print(f"[fedcollm] resuming {out} after round {state['round']}", flush=True)
+    return state
 
 
 def _secure_settings(cfg: Config, strategy: FedCoLLMStrategy) -> dict:

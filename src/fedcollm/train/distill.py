@@ -57,6 +57,7 @@ def mutual_kd_step(llm, slm, batch: dict[str, torch.Tensor], cfg) -> tuple[torch
 def mutual_distill(llm, slm, examples: list[Encoded], cfg, *, pad_id: int, seed: int,
                    device: torch.device, progress: bool = False) -> dict[str, float]:
     """Run cfg.epochs passes of mutual KD over the auxiliary examples; return mean loss parts."""
+    torch.manual_seed(seed)  # LoRA dropout: the same round gives the same adapters, resumed or not
     llm.train()
     slm.train()
     # One optimizer over both adapters; they share no parameters, so this equals two optimizers.

@@ -1,0 +1,195 @@
+"""Nothing lost, nothing silently wrong: kill-and-resume, client faults, bad updates."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Message
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from safetensors.numpy import load_file
+from sim import simulate
+
+from fedcollm.errors import FedCoLLMError
+from fedcollm.federated.validate import update_problem
+
+
+# --- kill and resume -------------------------------------------------------------------------
+
+def _run_cmd(out: Path, mcq_files, *extra: str) -> list[str]:
+    train, evals = mcq_files
+    return [sys.executable, "-m", "fedcollm.cli", "run", "--preset", "smoke", "--out", str(out),
+            "--set", 'data.dataset="mcq_jsonl"', "--set", f'data.train_file="{train}"',
+            "--set", f'data.eval_file="{evals}"', "--set", "federation.rounds=3",
+            "--set", "run.progress=false", *extra]
+
+
+def _adapters(out: Path) -> dict:
+    return {m: load_file(out / "adapters" / m / "adapter_model.safetensors") for m in ("slm", "llm")}
+
+
+def _assert_bitwise_equal(a: dict, b: dict) -> None:
+    for model in ("slm", "llm"):
+        assert a[model].keys() == b[model].keys()
+        for k in a[model]:
+            assert np.array_equal(a[model][k], b[model][k]), f"{model} {k} differs"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mcq_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = subprocess.run(_run_cmd(out, mcq_files), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _adapters(out)
+
+
+def test_sigkill_mid_round_then_resume_gives_identical_adapters(mcq_files, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_run_cmd(out, mcq_files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:  # kill once round 1 is scored and checkpointed, i.e. during round 2
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+            if len(lines) >= 2:
+                break
+            time.sleep(0.2)
+        assert len(lines) >= 2, "the run never finished round 1"
+    finally:
+        _kill_group(proc)
+    assert not (out / "summary.json").exists()
+    resumed = subprocess.run(_run_cmd(out, mcq_files, "--resume", str(out)), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2, 3]
+    _assert_bitwise_equal(_adapters(out), uninterrupted)
+
+
+def test_sigkill_while_writing_the_checkpoint_then_resume(mcq_files, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    env = dict(os.environ, FEDCOLLM_TEST_KILL_BEFORE_CHECKPOINT_RENAME="2")
+    proc = subprocess.Popen(_run_cmd(out, mcq_files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    try:
+        proc.wait(timeout=600)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert list(out.glob(".checkpoint.pt.tmp-*")), "expected the half-done checkpoint file"
+    resumed = subprocess.run(_run_cmd(out, mcq_files, "--resume", str(out)), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after round 1" in resumed.stdout  # the round-2 checkpoint never replaced round 1's
+    _assert_bitwise_equal(_adapters(out), uninterrupted)
+
+
+def test_resume_refuses_a_changed_config_unless_forced(mcq_files, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    subprocess.run(_run_cmd(out, mcq_files, "--set", "federation.rounds=1"), capture_output=True, timeout=600)
+    changed = subprocess.run(_run_cmd(out, mcq_files, "--resume", str(out), "--set", "client.lr=0.5"),
+                             capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 2
+    assert changed.stderr.strip().splitlines()[-1] == (
+        f"fedcollm: error: --resume {out}: the config differs from the one its checkpoint was made "
+        "with; pass --force to resume with it anyway")
+    missing = subprocess.run(_run_cmd(tmp_path / "nothing", mcq_files, "--resume", str(tmp_path / "nothing")),
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and "no checkpoint.pt there" in missing.stderr
+
+
+# --- client faults and bad updates -----------------------------------------------------------
+
+def _partition(context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def crash_partition_1(msg, context, call_next):
+    if _partition(context) == 1:
+        raise RuntimeError("client 1 crashed mid-training")
+    return call_next(msg, context)
+
+
+def corrupt_updates(msg, context, call_next):
+    """Client 1 sends NaN, client 2 a wrong shape, client 3 a huge update; client 0 is honest."""
+    reply = call_next(msg, context)
+    part = _partition(context)
+    if part == 0:
+        return reply
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    arrays = parameters_to_ndarrays(fitres.parameters)
+    if part == 1:
+        arrays[0] = np.full_like(arrays[0], np.nan)
+    elif part == 2:
+        arrays[1] = arrays[1][:, :-1]
+    else:
+        arrays = [a * 1e6 for a in arrays]
+    fitres.parameters = ndarrays_to_parameters(arrays)
+    return Message(compat.fitres_to_recorddict(fitres, True), reply_to=msg)
+
+
+def _cfg(base, tmp_path, **federation):
+    cfg = dataclasses.replace(base, federation=dataclasses.replace(base.federation, rounds=1, **federation))
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "run")))
+
+
+def test_bad_updates_are_rejected_and_the_round_completes(smoke_cfg, tmp_path):
+    seen = simulate(_cfg(smoke_cfg, tmp_path), extra_mods=(corrupt_updates,))
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
+    reasons = {r["client"]: r["reason"] for r in row["rejected"]}
+    assert reasons[1] == "tensor 0 holds NaN or Inf"
+    assert reasons[2].startswith("tensor 1 has shape")
+    assert reasons[3].startswith("update norm") and "exceeds federation.max_update_norm = 1000" in reasons[3]
+    assert row["clients_ok"] == 1 and row["kd_steps"] > 0
+    assert len(seen["fit_inputs"][1]) == 4  # all four arrived; three were not averaged
+
+
+def test_crashing_client_is_dropped_and_logged(smoke_cfg, tmp_path):
+    simulate(_cfg(smoke_cfg, tmp_path), extra_mods=(crash_partition_1,))
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
+    assert row["clients_ok"] == 3 and row["clients_failed"] == 1
+    assert len(row["dropped"]) == 1 and "client 1 crashed mid-training" in row["dropped"][0]["reason"]
+
+
+def test_below_min_clients_the_run_stops_cleanly(smoke_cfg, tmp_path):
+    with pytest.raises(FedCoLLMError, match="run stopped in round 1: 3 valid client updates, fewer than "
+                                            "federation.min_clients = 4"):
+        simulate(_cfg(smoke_cfg, tmp_path, min_clients=4), extra_mods=(crash_partition_1,))
+    out = tmp_path / "run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 0 and summary["failed_rounds"][0]["round"] == 1
+    saved = load_file(out / "adapters" / "slm" / "adapter_model.safetensors")
+    assert all(not v.any() for k, v in saved.items() if "lora_B" in k)  # the initial global adapter
+
+
+@pytest.mark.parametrize("arrays,n,reason", [
+    ([np.zeros((2, 3), np.float32)], 0, "example count 0 is not a positive integer"),
+    ([np.zeros((2, 3), np.float32)], -4, "example count -4 is not a positive integer"),
+    ([], 5, "0 adapter tensors, expected 1"),
+    ([np.zeros((2, 3), np.float32)] * 2, 5, "2 adapter tensors, expected 1"),
+    ([np.zeros((3, 2), np.float32)], 5, "tensor 0 has shape (3, 2), expected (2, 3)"),
+    ([np.zeros((2, 3), np.int64)], 5, "tensor 0 has dtype int64, expected a float type"),
+    ([np.full((2, 3), np.inf, np.float32)], 5, "tensor 0 holds NaN or Inf"),
+    ([np.full((2, 3), 1e3, np.float32)], 5, "update norm 2449 exceeds federation.max_update_norm = 1000"),
+    ([np.full((2, 3), 0.5, np.float32)], 5, None),
+])
+def test_update_problems(arrays, n, reason):
+    assert update_problem(arrays, [np.zeros((2, 3), np.float32)], n, 1000.0) == reason
