@@ -113,6 +113,9 @@ class FederationConfig:
     # gives a step of 4.8e-7. Shares go to all sampled clients (num_shares = 1.0); any
     # reconstruction_threshold fraction of them (0.75: 3 of 4) can unmask the sum, so one
     # dropout in four is survived.
+    # Adapter encoding on the wire: fp32 | fp16 (half the bytes) | int8 (+1 scale per tensor,
+    # a quarter). See federated/transport.py.
+    transport: str = "fp32"
     secagg_clipping_range: float = 1.0
     secagg_quantization_range: int = 4194304
     secagg_num_shares: float = 1.0
@@ -176,6 +179,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "mcq_jsonl"),
     "data.eval_split": ("test", "validation"),
     "data.partition": ("iid", "dirichlet"),
+    "federation.transport": ("fp32", "fp16", "int8"),
 }
 POSITIVE = {
     "lora.r", "lora.alpha", "data.num_clients", "data.max_length", "client.local_epochs",
@@ -290,6 +294,9 @@ def _validate(cfg: Config) -> None:
         p = getattr(cfg.data, key)
         if p and not Path(p).is_file():
             raise FedCoLLMError(f"config: data.{key} = {p!r}: no such file")
+    if cfg.federation.secure_aggregation and cfg.federation.transport == "int8":
+        raise FedCoLLMError("config: federation.transport = 'int8' cannot be summed under secure aggregation "
+                            "(per-client scales); use fp32 or fp16")
     if cfg.federation.min_clients > cfg.data.num_clients:
         raise FedCoLLMError(f"config: federation.min_clients = {cfg.federation.min_clients} exceeds "
                             f"data.num_clients = {cfg.data.num_clients}")

@@ -11,6 +11,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedcollm import components
 from fedcollm.config import Config
+from fedcollm.federated import transport
 from fedcollm.federated.app_config import config_from_run_config
 from fedcollm.federated.secagg import check_in_range
 from fedcollm.models.lora import adapter_to_ndarrays, load_adapter_ndarrays
@@ -27,7 +28,7 @@ class SLMClient(NumPyClient):
         torch.set_num_threads(cfg.federation.client_cpus)
         model = components.cached_client_slm(cfg)
         examples = components.run_data(cfg).clients[self.partition_id]
-        load_adapter_ndarrays(model, parameters)
+        load_adapter_ndarrays(model, transport.decode(parameters, cfg.federation.transport))
         rnd = int(config.get("round", 0))
         seed = cfg.run.seed * 1_000_003 + rnd * 1009 + self.partition_id
         torch.manual_seed(seed)  # LoRA dropout: same run, same seed, same adapter
@@ -41,7 +42,7 @@ class SLMClient(NumPyClient):
             np.random.seed(seed % 2**32)
         print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "
               f"loss {stats['loss']:.3f}", flush=True)
-        return arrays, len(examples), {"loss": float(stats["loss"]), "steps": int(stats["steps"]),
+        return transport.encode(arrays, cfg.federation.transport), len(examples), {"loss": float(stats["loss"]), "steps": int(stats["steps"]),
                                        "partition": self.partition_id}
 
 

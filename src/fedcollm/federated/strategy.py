@@ -1,8 +1,8 @@
 """FedCoLLM's server round on top of Flower's FedAvg: validate → aggregate → mutual KD → broadcast.
 
 `aggregate_fit` gets the client adapters (or, with SecAgg+, only their already-unmasked
-weighted mean, the same for every result), rejects invalid updates, lets Flower's FedAvg
-average the rest, then runs mutual KD between the LLM and the aggregated SLM on the auxiliary
+weighted mean, the same for every result), decodes and validates them, averages the valid ones
+with Flower's FedAvg arithmetic, then runs mutual KD between the LLM and the aggregated SLM on the auxiliary
 data; what it returns is the adapter broadcast next round. `evaluate` scores the global SLM and
 the LLM after every round (round 0 is zero-shot), writes the round's metrics line and a
 checkpoint.
@@ -23,11 +23,13 @@ import time
 import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
+from flwr.server.strategy.aggregate import aggregate
 from tqdm.auto import tqdm
 
 from fedcollm import checkpoint, components
 from fedcollm.config import Config
 from fedcollm.eval.mcq import evaluate
+from fedcollm.federated import transport
 from fedcollm.federated.validate import update_problem
 from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, load_adapter_ndarrays
 from fedcollm.report import Recorder
@@ -74,8 +76,17 @@ class FedCoLLMStrategy(FedAvg):
     def __repr__(self) -> str:
         return "FedCoLLMStrategy(FedAvg + server mutual KD)"
 
+    def _broadcast(self):
+        return ndarrays_to_parameters(transport.encode(adapter_to_ndarrays(self.slm), self.cfg.federation.transport))
+
+    def _decode(self, res) -> list[np.ndarray]:
+        arrays = parameters_to_ndarrays(res.parameters)
+        if self.cfg.federation.secure_aggregation:  # the unmasked aggregate, made on this server
+            return [a.astype(np.float32) for a in arrays]
+        return transport.decode(arrays, self.cfg.federation.transport)
+
     def initialize_parameters(self, client_manager):
-        return ndarrays_to_parameters(adapter_to_ndarrays(self.slm))
+        return self._broadcast()
 
     def configure_fit(self, server_round, parameters, client_manager):
         if self.stopped:
@@ -87,16 +98,19 @@ class FedCoLLMStrategy(FedAvg):
     def aggregate_fit(self, server_round, results, failures):
         rnd = server_round + self.offset
         reference = adapter_to_ndarrays(self.slm)
-        accepted, rejected = [], []
+        accepted, rejected = [], []  # accepted: (proxy, res, fp32 arrays)
         for proxy, res in results:
-            problem = update_problem(parameters_to_ndarrays(res.parameters), reference, res.num_examples,
-                                     self.cfg.federation.max_update_norm)
+            try:
+                arrays = self._decode(res)
+                problem = update_problem(arrays, reference, res.num_examples, self.cfg.federation.max_update_norm)
+            except ValueError as e:
+                problem = str(e)
             if problem:
                 rejected.append({**_client_id(proxy, res), "reason": problem})
             else:
-                accepted.append((proxy, res))
+                accepted.append((proxy, res, arrays))
         # Arrival order varies from run to run; summing in client order keeps FedAvg bit-exact.
-        accepted.sort(key=lambda pr: (pr[1].metrics.get("partition", -1), getattr(pr[0], "node_id", 0)))
+        accepted.sort(key=lambda a: (a[1].metrics.get("partition", -1), getattr(a[0], "node_id", 0)))
         stats: dict = {"clients_ok": len(accepted), "clients_failed": self.sampled - len(results),
                        "rejected": rejected}
         self.round_stats = stats
@@ -107,11 +121,11 @@ class FedCoLLMStrategy(FedAvg):
             self.stopped = (f"{len(accepted)} valid client updates, fewer than federation.min_clients = "
                             f"{self.cfg.federation.min_clients}")
             return None, {}
-        losses = [(r.num_examples, r.metrics.get("loss", float("nan"))) for _, r in accepted]
+        losses = [(r.num_examples, r.metrics.get("loss", float("nan"))) for _, r, _ in accepted]
         stats["client_loss"] = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
-        stats["client_examples"] = [r.num_examples for _, r in accepted]
-        params, _ = super().aggregate_fit(server_round, accepted, failures)
-        load_adapter_ndarrays(self.slm, parameters_to_ndarrays(params))
+        stats["client_examples"] = [r.num_examples for _, r, _ in accepted]
+        # Flower's FedAvg arithmetic (example-weighted mean) on the decoded fp32 updates.
+        load_adapter_ndarrays(self.slm, aggregate([(arrays, r.num_examples) for _, r, arrays in accepted]))
         t1 = time.time()
         kd = mutual_distill(
             self.llm, self.slm, self.data.aux, self.cfg.distill,
@@ -119,7 +133,7 @@ class FedCoLLMStrategy(FedAvg):
             device=self.device, progress=self.cfg.run.progress)
         stats.update({f"kd_{k}": v for k, v in kd.items()})
         stats["kd_s"] = time.time() - t1
-        return ndarrays_to_parameters(adapter_to_ndarrays(self.slm)), {}
+        return self._broadcast(), {}
 
     def evaluate(self, server_round, parameters):
         rnd = server_round + self.offset
@@ -136,7 +150,8 @@ class FedCoLLMStrategy(FedAvg):
             self.round_stats = {}
             return None
         t0 = time.time()
-        load_adapter_ndarrays(self.slm, parameters_to_ndarrays(parameters))
+        # What the clients hold: the broadcast after its (possibly lossy) transport encoding.
+        load_adapter_ndarrays(self.slm, transport.decode(parameters_to_ndarrays(parameters), self.cfg.federation.transport))
         kw = dict(max_length=self.cfg.data.max_length, batch_size=self.cfg.run.eval_batch_size,
                   device=self.device, progress=self.cfg.run.progress)
         slm = evaluate(self.slm, self.tokenizer, self.data.evals, desc=f"eval SLM r{rnd}", **kw)
