@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from fedcollm.data.encode import collate, encode_pair
 from fedcollm.data.records import MCQRecord, context, continuations
+from fedcollm.models.logits import answer_logits
 
 
 @torch.inference_mode()
@@ -31,11 +32,11 @@ def choice_logliks(model, tokenizer, records: list[MCQRecord], *, max_length: in
     for start in tqdm(range(0, len(requests), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = requests[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([r[2] for r in chunk], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, targets = answer_logits(model, batch)  # only the continuation's positions
         keep = batch["labels"][:, 1:] != -100
         row = torch.arange(len(chunk), device=device)[:, None].expand_as(keep)[keep]
-        logp = F.log_softmax(logits[:, :-1][keep].float(), dim=-1)
-        tok = logp.gather(-1, batch["labels"][:, 1:][keep][:, None]).squeeze(-1)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        tok = logp.gather(-1, targets[:, None]).squeeze(-1)
         sums = torch.zeros(len(chunk), device=device, dtype=torch.float64).index_add_(0, row, tok.double())
         for (ri, ci, _), s in zip(chunk, sums.tolist()):
             out[ri][ci] = s

@@ -25,9 +25,3 @@ def num_batches(n: int, batch_size: int) -> int:
 
 def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits that predict the answer tokens (position t predicts label t+1), and those labels."""
-    keep = labels[:, 1:] != -100
-    return logits[:, :-1][keep], labels[:, 1:][keep]

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedcollm.data.encode import Encoded
-from fedcollm.train.batches import answer_logits, batches, num_batches, trainable
+from fedcollm.models.logits import answer_logits
+from fedcollm.train.batches import batches, num_batches, trainable
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
@@ -36,9 +37,10 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, top_
 
 def mutual_kd_step(llm, slm, batch: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict[str, float]]:
     """The FedCoLLM server loss for one batch (not yet backpropagated) and its parts."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    f_logits, labels = answer_logits(llm(**inputs).logits, batch["labels"])
-    g_logits, _ = answer_logits(slm(**inputs).logits, batch["labels"])
+    # Each model runs forward once; its logits serve as student (with grad) in its own terms and,
+    # detached, as teacher in the other model's terms.
+    f_logits, labels = answer_logits(llm, batch)
+    g_logits, _ = answer_logits(slm, batch)
     vocab = min(f_logits.shape[-1], g_logits.shape[-1])  # embeddings may be padded differently
     f_logits, g_logits = f_logits[:, :vocab], g_logits[:, :vocab]
     ce_f = F.cross_entropy(f_logits.float(), labels)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedcollm.data.encode import Encoded
-from fedcollm.train.batches import answer_logits, batches, num_batches, trainable
+from fedcollm.models.logits import answer_logits
+from fedcollm.train.batches import batches, num_batches, trainable
 
 
 def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: int, pad_id: int,
@@ -22,8 +23,7 @@ def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: i
                disable=not progress, leave=False)
     for epoch in range(epochs):
         for batch in batches(examples, batch_size, pad_id, seed + epoch, device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            pred, target = answer_logits(logits, batch["labels"])
+            pred, target = answer_logits(model, batch)
             loss = F.cross_entropy(pred.float(), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
