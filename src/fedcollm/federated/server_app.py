@@ -61,11 +61,18 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
         "slm_model": cfg.model.slm or f"{cfg.model.llm} layers 0-{cfg.model.slm_keep_first - 1} + last {cfg.model.slm_keep_last}",
         "secure_aggregation": secure or False, "seed": cfg.run.seed, "stopped": strategy.stopped,
         "failed_rounds": recorder.failed, "config_digest": cfg.digest(), "wall_s": time.time() - t0})
-    write_outputs(out, recorder.rows, summary, shlex.join(["fedcollm", *sys.argv[1:]]))
+    write_outputs(out, recorder.rows, summary, _command())
     if strategy.stopped:
         raise FedCoLLMError(f"run stopped in round {strategy.failed_round}: {strategy.stopped}; "
                             f"outputs from the last good round are in {out}")
     return summary
+
+
+def _command() -> str:
+    """The command that started this run, for the report."""
+    if Path(sys.argv[0]).name in ("fedcollm", "cli.py", "__main__.py"):
+        return shlex.join(["fedcollm", *sys.argv[1:]])
+    return "flwr run (ServerApp of a Flower deployment or `flwr run .`)"
 
 
 def _resume_state(cfg: Config, out: Path) -> dict | None:
