@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from flwr.client import NumPyClient
@@ -11,6 +13,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedcollm import components
 from fedcollm.config import Config
+from fedcollm.data.encode import encode_for_training
+from fedcollm.data.loaders import read_jsonl
 from fedcollm.federated import transport
 from fedcollm.federated.app_config import config_from_run_config
 from fedcollm.federated.secagg import check_in_range
@@ -18,16 +22,26 @@ from fedcollm.models.lora import adapter_to_ndarrays, load_adapter_ndarrays
 from fedcollm.train.sft import sft
 
 
+@functools.lru_cache(maxsize=2)
+def own_examples(cfg: Config, path: str):
+    """All of a SuperNode's own data file, for a client that holds its data itself."""
+    return encode_for_training(components.tokenizer(cfg), read_jsonl(path), cfg.data.max_length)
+
+
 class SLMClient(NumPyClient):
-    def __init__(self, cfg: Config, partition_id: int):
+    def __init__(self, cfg: Config, partition_id: int, train_file: str = ""):
         self.cfg = cfg
         self.partition_id = partition_id
+        self.train_file = train_file  # node-config train-file: this client's own data
 
     def fit(self, parameters, config):
         cfg = self.cfg
         torch.set_num_threads(cfg.federation.client_cpus)
         model = components.cached_client_slm(cfg)
-        examples = components.run_data(cfg).clients[self.partition_id]
+        if self.train_file:
+            examples = own_examples(cfg, self.train_file)
+        else:
+            examples = components.run_data(cfg).clients[self.partition_id]
         load_adapter_ndarrays(model, transport.decode(parameters, cfg.federation.transport))
         rnd = int(config.get("round", 0))
         seed = cfg.run.seed * 1_000_003 + rnd * 1009 + self.partition_id
@@ -42,8 +56,8 @@ class SLMClient(NumPyClient):
             np.random.seed(seed % 2**32)
         print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "
               f"loss {stats['loss']:.3f}", flush=True)
-        return transport.encode(arrays, cfg.federation.transport), len(examples), {"loss": float(stats["loss"]), "steps": int(stats["steps"]),
-                                       "partition": self.partition_id}
+        metrics = {"loss": float(stats["loss"]), "steps": int(stats["steps"]), "partition": self.partition_id}
+        return transport.encode(arrays, cfg.federation.transport), len(examples), metrics
 
 
 def secure_aggregation_mod(msg, context, call_next):
@@ -71,7 +85,8 @@ def make_client_app(cfg: Config | None = None, extra_mods=()) -> ClientApp:
 
     def client_fn(context):
         c = cfg or config_from_run_config(context.run_config)
-        return SLMClient(c, partition_of(context, c.data.num_clients)).to_client()
+        own = str(context.node_config.get("train-file", ""))
+        return SLMClient(c, partition_of(context, c.data.num_clients), own).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[*extra_mods, secure_aggregation_mod])
 

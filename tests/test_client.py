@@ -1,0 +1,23 @@
+"""The client's fit: trains only the adapter it was sent, on its own data."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import write_mcq
+
+from fedcollm import components
+from fedcollm.federated.client_app import SLMClient
+from fedcollm.federated.transport import encode
+from fedcollm.models.lora import adapter_to_ndarrays
+
+
+def test_fit_on_own_partition_and_on_own_file(smoke_cfg, tmp_path):
+    global_adapter = encode(adapter_to_ndarrays(components.build_slm(smoke_cfg)), "fp32")
+    arrays, n, metrics = SLMClient(smoke_cfg, 2).fit(global_adapter, {"round": 1})
+    assert n == len(components.run_data(smoke_cfg).clients[2]) and metrics["partition"] == 2
+    assert any(not np.array_equal(a, b) for a, b in zip(arrays, global_adapter))
+    again, _, _ = SLMClient(smoke_cfg, 2).fit(global_adapter, {"round": 1})
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, again)), "same round, same client: same update"
+    own = write_mcq(tmp_path / "mine.jsonl", 7, seed=5)
+    _, n_own, _ = SLMClient(smoke_cfg, 0, str(own)).fit(global_adapter, {"round": 1})
+    assert n_own == 7
