@@ -48,9 +48,9 @@ def simulated(cfg) -> float:
         configure_fit, aggregate_fit = strategy.configure_fit, strategy.aggregate_fit
         t = {}
 
-        def timed_configure(rnd, parameters, cm):
+        def timed_configure(server_round, parameters, client_manager):
             t["t0"] = time.perf_counter()
-            return configure_fit(rnd, parameters, cm)
+            return configure_fit(server_round, parameters, client_manager)
 
         def timed_aggregate(rnd, results, failures):
             fit_s.append(time.perf_counter() - t["t0"])

@@ -31,9 +31,9 @@ def measure(cfg) -> dict:
         configure_fit, aggregate_fit, evaluate = strategy.configure_fit, strategy.aggregate_fit, strategy.evaluate
         state = {}
 
-        def timed_configure(rnd, parameters, cm):
+        def timed_configure(server_round, parameters, client_manager):
             state["t0"] = time.perf_counter()
-            return configure_fit(rnd, parameters, cm)
+            return configure_fit(server_round, parameters, client_manager)
 
         def timed_aggregate(rnd, results, failures):
             marks["fit"].append(time.perf_counter() - state["t0"])
@@ -44,9 +44,9 @@ def measure(cfg) -> dict:
                                         for i in range(len(arrays[0]))]
             return aggregate_fit(rnd, results, failures)
 
-        def timed_evaluate(rnd, parameters):
-            out = evaluate(rnd, parameters)
-            if rnd > 0:
+        def timed_evaluate(server_round, parameters):
+            out = evaluate(server_round, parameters)
+            if server_round > 0:
                 marks["round"].append(time.perf_counter() - state["t0"])
             return out
 
