@@ -1,0 +1,1 @@
+"""Launchers: simulation (Flower's simulation engine), and later deployment and experiments."""
