@@ -84,9 +84,10 @@ def test_sigkill_mid_round_then_resume_gives_identical_adapters(mcq_files, tmp_p
     _assert_bitwise_equal(_adapters(out), uninterrupted)
 
 
-def test_sigkill_while_writing_the_checkpoint_then_resume(mcq_files, tmp_path, uninterrupted):
+@pytest.mark.parametrize("point", ["kd", "checkpoint"])
+def test_sigkill_in_kd_or_while_writing_the_checkpoint_then_resume(mcq_files, tmp_path, uninterrupted, point):
     out = tmp_path / "run"
-    env = dict(os.environ, FEDCOLLM_TEST_KILL_BEFORE_CHECKPOINT_RENAME="2")
+    env = dict(os.environ, FEDCOLLM_TEST_KILL_AT=f"{point}:2")
     proc = subprocess.Popen(_run_cmd(out, mcq_files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env, start_new_session=True)
     try:
@@ -94,7 +95,8 @@ def test_sigkill_while_writing_the_checkpoint_then_resume(mcq_files, tmp_path, u
     finally:
         _kill_group(proc)
     assert proc.returncode == -signal.SIGKILL
-    assert list(out.glob(".checkpoint.pt.tmp-*")), "expected the half-done checkpoint file"
+    if point == "checkpoint":
+        assert list(out.glob(".checkpoint.pt.tmp-*")), "expected the half-done checkpoint file"
     resumed = subprocess.run(_run_cmd(out, mcq_files, "--resume", str(out)), capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -125,6 +127,13 @@ def _partition(context) -> int:
 def crash_partition_1(msg, context, call_next):
     if _partition(context) == 1:
         raise RuntimeError("client 1 crashed mid-training")
+    return call_next(msg, context)
+
+
+def stall_partition_1_in_round_2(msg, context, call_next):
+    """Round 1 warms every actor up; in round 2 client 1 goes silent past the timeout."""
+    if _partition(context) == 1 and compat.recorddict_to_fitins(msg.content, True).config.get("round") == 2:
+        time.sleep(40)
     return call_next(msg, context)
 
 
@@ -167,6 +176,16 @@ def test_crashing_client_is_dropped_and_logged(smoke_cfg, tmp_path):
     row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
     assert row["clients_ok"] == 3 and row["clients_failed"] == 1
     assert len(row["dropped"]) == 1 and "client 1 crashed mid-training" in row["dropped"][0]["reason"]
+
+
+def test_silent_client_times_out_and_is_dropped(smoke_cfg, tmp_path):
+    cfg = _cfg(smoke_cfg, tmp_path, round_timeout=30.0)
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=2))
+    simulate(cfg, extra_mods=(stall_partition_1_in_round_2,))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["clients_ok"] == 4 and not rows[1]["dropped"]
+    assert rows[2]["clients_ok"] == 3 and rows[2]["kd_steps"] > 0
+    assert [d["reason"] for d in rows[2]["dropped"]] == ["no reply within 30 s"]
 
 
 def test_below_min_clients_the_run_stops_cleanly(smoke_cfg, tmp_path):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from fedcollm.crash import maybe_kill
+
 NAME = "checkpoint.pt"
-# Crash injection for the kill-during-write test: SIGKILL between writing and renaming.
-_KILL_ENV = "FEDCOLLM_TEST_KILL_BEFORE_CHECKPOINT_RENAME"
 
 
 def save(out: Path, round_: int, digest: str, slm_state: dict, llm_state: dict, rows: list[dict]) -> Path:
@@ -31,8 +31,7 @@ def save(out: Path, round_: int, digest: str, slm_state: dict, llm_state: dict, 
         torch.save(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    if os.environ.get(_KILL_ENV) == str(round_):
-        os.kill(os.getpid(), 9)
+    maybe_kill("checkpoint", round_)  # tests: a crash between writing and renaming
     os.replace(tmp, target)
     return target
 

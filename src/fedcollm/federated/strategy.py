@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from fedcollm import checkpoint, components
 from fedcollm.config import Config
+from fedcollm.crash import maybe_kill
 from fedcollm.eval.mcq import evaluate
 from fedcollm.federated import transport
 from fedcollm.federated.validate import update_problem
@@ -127,6 +128,7 @@ class FedCoLLMStrategy(FedAvg):
         # Flower's FedAvg arithmetic (example-weighted mean) on the decoded fp32 updates.
         load_adapter_ndarrays(self.slm, aggregate([(arrays, r.num_examples) for _, r, arrays in accepted]))
         t1 = time.time()
+        maybe_kill("kd", rnd)  # tests: a crash in the middle of the server's round
         kd = mutual_distill(
             self.llm, self.slm, self.data.aux, self.cfg.distill,
             pad_id=self.tokenizer.pad_token_id, seed=self.cfg.run.seed * 7919 + rnd,

@@ -1,0 +1,18 @@
+"""Crash injection for the kill-and-resume tests: SIGKILL this process at a named point.
+
+FEDCOLLM_TEST_KILL_AT="POINT:ROUND" (POINT = kd | checkpoint) kills the server process at the
+start of that round's KD, or after writing that round's checkpoint file but before renaming
+it into place. Unset (always, outside tests), it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "FEDCOLLM_TEST_KILL_AT"
+
+
+def maybe_kill(point: str, round_: int) -> None:
+    if os.environ.get(ENV) == f"{point}:{round_}":
+        os.kill(os.getpid(), signal.SIGKILL)
