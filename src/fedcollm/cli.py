@@ -1,4 +1,4 @@
-"""`fedcollm run | deploy-local | eval`: parse arguments, call the launchers, print where the results are."""
+"""`fedcollm run | deploy-local | experiment | eval`: parse arguments, call the launchers, print where the results are."""
 
 from __future__ import annotations
 
@@ -66,6 +66,30 @@ def cmd_deploy_local(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    import shlex  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from fedcollm.experiment.methods import METHODS  # noqa: PLC0415
+    from fedcollm.experiment.runner import run_experiment  # noqa: PLC0415
+
+    base = _config(args)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise FedCoLLMError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    datasets = args.datasets.split(",") if args.datasets else [base.data.dataset]
+    from fedcollm.config import load_config  # noqa: PLC0415
+
+    for d in datasets:  # each dataset's config is validated before anything runs
+        load_config(args.config, [*args.overrides, f"data.dataset={json.dumps(d)}"], args.preset)
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    out = Path(args.out or "runs/experiment")
+    doc = run_experiment(base, datasets, seeds, methods, out, shlex.join(["fedcollm", *sys.argv[1:]]))
+    print(f"[fedcollm] {len(doc['results'])} dataset(s): {out}/table1.md, {out}/table2.md, {out}/results.json")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import torch  # noqa: PLC0415
 
@@ -112,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     p_dep.add_argument("--clients", type=int, help="number of SuperNodes (= data.num_clients)")
     p_dep.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the run")
     p_dep.set_defaults(func=cmd_deploy_local)
+
+    p_exp = sub.add_parser("experiment", help="the paper's methods, baselines and ablations → Table 1 and 2")
+    _add_config_args(p_exp)
+    p_exp.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default 0,1,2)")
+    p_exp.add_argument("--datasets", help="comma-separated, e.g. arc_easy,openbookqa (default: data.dataset)")
+    p_exp.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    p_exp.set_defaults(func=cmd_experiment)
 
     p_eval = sub.add_parser("eval", help="score one model (+ adapter) on a multiple-choice split")
     p_eval.add_argument("--model", required=True, help="smollm2-135m | tiny-random | HF id | folder | .gguf")

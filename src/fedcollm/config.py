@@ -82,6 +82,8 @@ class ClientTrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
+    # false: the server only averages (no LLM, no KD): the FedAvg baseline.
+    enabled: bool = True
     epochs: int = 1  # passes over the auxiliary data per round
     lr: float = 3e-4
     batch_size: int = 8
@@ -127,6 +129,10 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs/latest"
     eval_batch_size: int = 16
+    # Score the global models after every eval_every-th round (round 0 = zero-shot included) and
+    # always after the last; 0 = after the last round only (experiments: they score the
+    # zero-shot models once, apart).
+    eval_every: int = 1
     progress: bool = True
     resume: bool = False  # continue from out_dir/checkpoint.pt (set by `fedcollm run --resume`)
 
@@ -194,6 +200,7 @@ NON_NEGATIVE = {
     "lora.dropout", "data.max_train_examples", "data.eval_examples", "distill.epochs",
     "distill.kd_lambda", "distill.top_k", "distill.ce_weight", "federation.client_gpus",
     "model.slm_keep_first", "model.slm_keep_last", "client.weight_decay", "run.seed",
+    "run.eval_every",
 }
 
 

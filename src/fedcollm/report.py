@@ -44,25 +44,40 @@ class Recorder:
         print(f"[fedcollm] round {row['round']} FAILED: {row['failed']}; keeping the previous "
               "global adapter and stopping", flush=True)
 
+    def replace_last(self, row: dict) -> None:
+        self.rows[-1] = row
+        (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*self.rows, *self.failed]))
+
     def add_round(self, row: dict) -> None:
         self.rows.append(row)
         self._append(row)
-        if self.echo:
-            print(f"[fedcollm] round {row['round']}: SLM acc {_fmt(row['slm']['acc'], True)} "
-                  f"acc_norm {_fmt(row['slm']['acc_norm'], True)} | LLM acc {_fmt(row['llm']['acc'], True)} "
-                  f"acc_norm {_fmt(row['llm']['acc_norm'], True)}", flush=True)
+        if self.echo and "slm" in row:
+            print(f"[fedcollm] round {row['round']}: SLM acc {_pct(row, 'slm', 'acc')} "
+                  f"acc_norm {_pct(row, 'slm', 'acc_norm')} | LLM acc {_pct(row, 'llm', 'acc')} "
+                  f"acc_norm {_pct(row, 'llm', 'acc_norm')}", flush=True)
+
+
+def _pct(row: dict, model: str, metric: str) -> str:
+    """A row's accuracy in %, or – where that model was not scored (or the server has no LLM)."""
+    scores = row.get(model)
+    return _fmt(scores[metric], True) if scores else "–"
+
+
+def _accuracies(scores: dict | None) -> dict | None:
+    return {k: scores[k] for k in ("acc", "acc_norm")} if scores else None
 
 
 def build_summary(rows: list[dict], comm: dict, extra: dict) -> dict:
-    last = rows[-1]
+    """`slm`/`llm` are the last scored round's accuracies (`llm` None when the server has none)."""
+    last = [r for r in rows if "slm" in r][-1]
     fit_rows = [r for r in rows if "bytes_up_per_client" in r]
     up = max((r["bytes_up_per_client"] for r in fit_rows), default=0.0)
     down = max((r["bytes_down_per_client"] for r in fit_rows), default=0.0)
     comm = dict(comm)
     comm.update({"bytes_up_per_client_round": up, "bytes_down_per_client_round": down,
                  "ratio": up / comm["full_slm_fp32_bytes"]})
-    return {"rounds": last["round"], "slm": {k: last["slm"][k] for k in ("acc", "acc_norm")},
-            "llm": {k: last["llm"][k] for k in ("acc", "acc_norm")}, "comm": comm,
+    return {"rounds": rows[-1]["round"], "slm": _accuracies(last["slm"]), "llm": _accuracies(last["llm"]),
+            "comm": comm,
             "eval_examples": last["slm"]["n"], **extra}
 
 
@@ -79,8 +94,8 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['round']} | {_fmt(r['slm']['acc'], True)} | {_fmt(r['slm']['acc_norm'], True)} | "
-            f"{_fmt(r['llm']['acc'], True)} | {_fmt(r['llm']['acc_norm'], True)} | {_fmt(r.get('client_loss'))} | "
+            f"| {r['round']} | {_pct(r, 'slm', 'acc')} | {_pct(r, 'slm', 'acc_norm')} | "
+            f"{_pct(r, 'llm', 'acc')} | {_pct(r, 'llm', 'acc_norm')} | {_fmt(r.get('client_loss'))} | "
             f"{_fmt(r.get('kd_ce_llm'))}/{_fmt(r.get('kd_ce_slm'))} | {_fmt(r.get('kd_kl_llm'))}/{_fmt(r.get('kd_kl_slm'))} | "
             f"{_bytes(r.get('bytes_up_per_client'))} | {_bytes(r.get('bytes_down_per_client'))} |")
     lines += [
@@ -90,7 +105,7 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
         " (payload of the Flower messages)",
         f"- full SLM in fp32: {c['full_slm_fp32_bytes']:,} bytes; ratio up/full = {100 * c['ratio']:.3f}%",
         f"- secure aggregation: {_secure_line(summary['secure_aggregation'])}",
-        "", f"Models: LLM `{summary['llm_model']}`, SLM `{summary['slm_model']}`; "
+        "", f"Models: LLM `{summary['llm_model'] or 'none (no KD on the server)'}`, SLM `{summary['slm_model']}`; "
         f"{summary['num_clients']} clients; wall time {summary['wall_s']:.0f} s.",
     ]
     if summary.get("stopped"):
@@ -113,11 +128,14 @@ def plot_rounds(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    rounds = [r["round"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, metric in zip(axes, ("acc", "acc_norm")):
         for model, style in (("slm", "o-"), ("llm", "s--")):
-            ax.plot(rounds, [100 * r[model][metric] for r in rows], style, label=model.upper())
+            scored = [r for r in rows if r.get(model)]
+            if scored:
+                ax.plot([r["round"] for r in scored], [100 * r[model][metric] for r in scored], style,
+                        label=model.upper())
+        rounds = [r["round"] for r in rows]
         ax.set_xlabel("round")
         ax.set_title(metric)
         ax.set_xticks(rounds)

@@ -49,15 +49,17 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
     fit_workflow = secagg.make_fit_workflow(cfg, secure["max_weight"]) if secure else None
     DefaultWorkflow(fit_workflow=fit_workflow)(counting, legacy)
     strategy.rounds_bar.close()
+    strategy.score_last_state()
 
     strategy.slm.save_pretrained(out / "adapters" / "slm")
-    strategy.llm.save_pretrained(out / "adapters" / "llm")
+    if strategy.llm is not None:
+        strategy.llm.save_pretrained(out / "adapters" / "llm")
     full = base_numel(strategy.slm)
     comm = {"adapter_params": adapter_numel(strategy.slm), "full_slm_params": full,
             "full_slm_fp32_bytes": 4 * full}
     summary = build_summary(recorder.rows, comm, {
         "dataset": cfg.data.dataset, "eval_split": cfg.data.eval_split,
-        "num_clients": cfg.data.num_clients, "llm_model": cfg.model.llm,
+        "num_clients": cfg.data.num_clients, "llm_model": cfg.model.llm if cfg.distill.enabled else None,
         "slm_model": cfg.model.slm or f"{cfg.model.llm} layers 0-{cfg.model.slm_keep_first - 1} + last {cfg.model.slm_keep_last}",
         "secure_aggregation": secure or False, "seed": cfg.run.seed, "stopped": strategy.stopped,
         "failed_rounds": recorder.failed, "config_digest": cfg.digest(), "wall_s": time.time() - t0})

@@ -60,16 +60,19 @@ class FedCoLLMStrategy(FedAvg):
         self.device = components.device_of(cfg)
         self.tokenizer = components.tokenizer(cfg)
         self.data = components.run_data(cfg)
-        self.llm = components.build_llm(cfg)
+        # No KD (the FedAvg baseline): the server holds no LLM at all.
+        self.llm = components.build_llm(cfg) if cfg.distill.enabled else None
         self.slm = components.build_slm(cfg)
         if resume:
             from peft import set_peft_model_state_dict  # noqa: PLC0415
 
             set_peft_model_state_dict(self.slm, resume["slm"])
-            set_peft_model_state_dict(self.llm, resume["llm"])
+            if self.llm is not None:
+                set_peft_model_state_dict(self.llm, resume["llm"])
         self.round_stats: dict = {}
         self.stopped: str | None = None  # why the run ended early, if it did
         self.failed_round: int | None = None
+        self.aggregated = False  # this round produced a global adapter
         self.sampled = 0  # clients asked to fit this round
         self.rounds_bar = tqdm(total=cfg.federation.rounds, initial=self.offset, desc="rounds",
                                unit="round", disable=not cfg.run.progress)
@@ -127,6 +130,9 @@ class FedCoLLMStrategy(FedAvg):
         stats["client_examples"] = [r.num_examples for _, r, _ in accepted]
         # Flower's FedAvg arithmetic (example-weighted mean) on the decoded fp32 updates.
         load_adapter_ndarrays(self.slm, aggregate([(arrays, r.num_examples) for _, r, arrays in accepted]))
+        self.aggregated = True
+        if self.llm is None:
+            return self._broadcast(), {}
         t1 = time.time()
         maybe_kill("kd", rnd)  # tests: a crash in the middle of the server's round
         kd = mutual_distill(
@@ -141,7 +147,7 @@ class FedCoLLMStrategy(FedAvg):
         rnd = server_round + self.offset
         if server_round == 0 and self.offset:
             return None  # the resumed state was scored before the interruption
-        if server_round > 0 and "kd_steps" not in self.round_stats:
+        if server_round > 0 and not self.aggregated:
             if self.failed_round is None:  # this round produced no aggregate: log it once
                 # (SecAgg+ that halts below its threshold never calls aggregate_fit)
                 self.stopped = self.stopped or (
@@ -151,21 +157,39 @@ class FedCoLLMStrategy(FedAvg):
                     {"round": rnd, "failed": self.stopped, **self.round_stats, **self._take_traffic()})
             self.round_stats = {}
             return None
-        t0 = time.time()
+        self.aggregated = False
         # What the clients hold: the broadcast after its (possibly lossy) transport encoding.
         load_adapter_ndarrays(self.slm, transport.decode(parameters_to_ndarrays(parameters), self.cfg.federation.transport))
+        row = {"round": rnd, **(self._score(rnd) if self._scored(rnd) else {}), **self.round_stats,
+               **(self._take_traffic() if server_round else {})}
+        self.round_stats = {}
+        self.recorder.add_round(row)
+        llm_state = adapter_state(self.llm) if self.llm is not None else {}
+        checkpoint.save(self.recorder.out, rnd, self.cfg.digest(), adapter_state(self.slm), llm_state,
+                        self.recorder.rows)
+        self.rounds_bar.update(1 if server_round else 0)
+        return 0.0, {}
+
+    def score_last_state(self) -> None:
+        """A run that stopped early between scored rounds: score the state it ends with."""
+        rows = self.recorder.rows
+        if rows and "slm" not in rows[-1]:
+            self.recorder.replace_last({**rows[-1], **self._score(rows[-1]["round"])})
+
+    def _scored(self, rnd: int) -> bool:
+        every = self.cfg.run.eval_every
+        return rnd == self.cfg.federation.rounds or (every > 0 and rnd % every == 0)
+
+    def _score(self, rnd: int) -> dict:
+        """Accuracy of the global SLM and (if the server has one) the LLM; `llm` is None without."""
+        t0 = time.time()
         kw = dict(max_length=self.cfg.data.max_length, batch_size=self.cfg.run.eval_batch_size,
                   device=self.device, progress=self.cfg.run.progress)
         slm = evaluate(self.slm, self.tokenizer, self.data.evals, desc=f"eval SLM r{rnd}", **kw)
-        llm = evaluate(self.llm, self.tokenizer, self.data.evals, desc=f"eval LLM r{rnd}", **kw)
-        row = {"round": rnd, "slm": slm, "llm": llm, **self.round_stats,
-               **(self._take_traffic() if server_round else {}), "eval_s": time.time() - t0}
-        self.round_stats = {}
-        self.recorder.add_round(row)
-        checkpoint.save(self.recorder.out, rnd, self.cfg.digest(), adapter_state(self.slm),
-                        adapter_state(self.llm), self.recorder.rows)
-        self.rounds_bar.update(1 if server_round else 0)
-        return 0.0, {"slm_acc": slm["acc"], "llm_acc": llm["acc"]}
+        llm = None
+        if self.llm is not None:
+            llm = evaluate(self.llm, self.tokenizer, self.data.evals, desc=f"eval LLM r{rnd}", **kw)
+        return {"slm": slm, "llm": llm, "eval_s": time.time() - t0}
 
     def _take_traffic(self) -> dict:
         if self.grid is None:

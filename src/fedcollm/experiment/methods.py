@@ -1,0 +1,135 @@
+"""The paper's methods, baselines and ablations, each a function `cfg → result` on cfg's split.
+
+Every method sees the same data as FedCoLLM with the same config and seed (components builds the
+split, the token ids and the initial adapters once per config):
+
+- zero_shot:    the SLM and the LLM before any training (seed-independent: B = 0 in LoRA).
+- standalone:   each client trains its SLM adapter on its own part only, for as many local steps
+                as in FedCoLLM (rounds × local_epochs passes over its part, one optimizer).
+- fedavg:       the federation without the server LLM: FedAvg of the client adapters, no KD.
+- fedcollm:     the full method (mutual KD).
+- kd_llm_to_slm / kd_slm_to_llm: one-way KD ablations (only the SLM / only the LLM learns
+                from the other); lambda0: λ = 0 (both models SFT on the auxiliary part only).
+- centralized:  the LLM fine-tuned on the auxiliary part and all client parts pooled, for
+                rounds × local_epochs passes.
+
+The federated methods run through the same Flower simulation as `fedcollm run`; the others
+reuse its training and evaluation components in this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fedcollm import checkpoint, components
+from fedcollm.config import Config
+from fedcollm.eval.mcq import evaluate
+from fedcollm.models.lora import adapter_state
+from fedcollm.train.sft import sft
+
+Result = dict  # {"slm": {"acc", "acc_norm"} | None, "llm": ... | None, extra keys per method}
+
+
+def _scores(model, cfg: Config, desc: str) -> dict:
+    res = evaluate(model, components.tokenizer(cfg), components.run_data(cfg).evals,
+                   max_length=cfg.data.max_length, batch_size=cfg.run.eval_batch_size,
+                   device=components.device_of(cfg), progress=cfg.run.progress, desc=desc)
+    return {"acc": res["acc"], "acc_norm": res["acc_norm"], "n": res["n"]}
+
+
+def adapter_digest(model) -> str:
+    """sha256 of the adapter tensors: equal digests mean bit-identical adapters."""
+    h = hashlib.sha256()
+    for key, t in adapter_state(model).items():
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _train_epochs(cfg: Config) -> int:
+    return cfg.federation.rounds * cfg.client.local_epochs
+
+
+def _sft(model, examples, cfg: Config, seed: int, desc: str) -> dict:
+    c = cfg.client
+    return sft(model, examples, epochs=_train_epochs(cfg), lr=c.lr, batch_size=c.batch_size,
+               pad_id=components.tokenizer(cfg).pad_token_id, seed=seed, device=components.device_of(cfg),
+               weight_decay=c.weight_decay, progress=cfg.run.progress, desc=desc)
+
+
+def zero_shot(cfg: Config, workdir: Path) -> Result:
+    return {"slm": _scores(components.build_slm(cfg), cfg, "zero-shot SLM"),
+            "llm": _scores(components.build_llm(cfg), cfg, "zero-shot LLM")}
+
+
+def standalone(cfg: Config, workdir: Path) -> Result:
+    """Each client alone; the SLM result is the mean over clients, each client listed."""
+    clients = []
+    for k, examples in enumerate(components.run_data(cfg).clients):
+        model = components.build_slm(cfg)  # the same initial adapter FedCoLLM starts from
+        stats = _sft(model, examples, cfg, seed=cfg.run.seed * 1_000_003 + k, desc=f"standalone client {k}")
+        clients.append({"client": k, "examples": len(examples), "steps": stats["steps"],
+                        "adapter_sha256": adapter_digest(model), **_scores(model, cfg, f"eval client {k}")})
+    mean = {m: sum(c[m] for c in clients) / len(clients) for m in ("acc", "acc_norm")}
+    return {"slm": mean, "llm": None, "clients": clients}
+
+
+def centralized_examples(cfg: Config) -> list:
+    """The auxiliary part and every client part, pooled: all the training data of the split."""
+    data = components.run_data(cfg)
+    return [*data.aux, *(e for part in data.clients for e in part)]
+
+
+def centralized(cfg: Config, workdir: Path) -> Result:
+    model = components.build_llm(cfg)
+    examples = centralized_examples(cfg)
+    stats = _sft(model, examples, cfg, seed=cfg.run.seed * 1_000_003 + 999, desc="centralized LLM")
+    return {"slm": None, "llm": _scores(model, cfg, "eval centralized LLM"), "examples": len(examples),
+            "steps": stats["steps"], "adapter_sha256": adapter_digest(model)}
+
+
+def _federated(**distill) -> Callable[[Config, Path], Result]:
+    def run(cfg: Config, workdir: Path) -> Result:
+        from fedcollm.runs.simulation import run_simulation  # noqa: PLC0415
+
+        run_cfg = dataclasses.replace(
+            cfg, distill=dataclasses.replace(cfg.distill, **distill),
+            run=dataclasses.replace(cfg.run, out_dir=str(workdir), eval_every=0))
+        # A run killed earlier continues from its last complete round.
+        state = checkpoint.load(workdir)
+        if state is not None and state["config_digest"] == run_cfg.digest():
+            run_cfg = dataclasses.replace(run_cfg, run=dataclasses.replace(run_cfg.run, resume=True))
+        summary = run_simulation(run_cfg)
+        return {"slm": summary["slm"], "llm": summary["llm"], "comm": summary["comm"],
+                "wall_s": summary["wall_s"], "run_dir": str(workdir)}
+
+    return run
+
+
+METHODS: dict[str, Callable[[Config, Path], Result]] = {
+    "zero_shot": zero_shot,
+    "standalone": standalone,
+    "fedavg": _federated(enabled=False),
+    "fedcollm": _federated(),
+    "kd_llm_to_slm": _federated(llm_learns_from_slm=False),
+    "kd_slm_to_llm": _federated(slm_learns_from_llm=False),
+    "lambda0": _federated(kd_lambda=0.0),
+    "centralized": centralized,
+}
+SEED_INDEPENDENT = {"zero_shot"}
+LABELS = {
+    "zero_shot": "Zero-shot",
+    "standalone": "Standalone (mean of clients)",
+    "fedavg": "FedAvg (clients only)",
+    "fedcollm": "FedCoLLM",
+    "kd_llm_to_slm": "FedCoLLM, KD LLM→SLM only",
+    "kd_slm_to_llm": "FedCoLLM, KD SLM→LLM only",
+    "lambda0": "FedCoLLM, λ = 0 (aux SFT only)",
+    "centralized": "Centralized (LLM, all data)",
+}
+
