@@ -10,36 +10,82 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedcollm.data.encode import collate, encode_pair
+from fedcollm.data.encode import encode_pair
 from fedcollm.data.records import MCQRecord, context, continuations
-from fedcollm.models.logits import answer_logits
+
+
+def _requests(tokenizer, records: list[MCQRecord], max_length: int) -> list[tuple[tuple[int, ...], list[tuple[int, ...]]]]:
+    """Per record: the context's ids and each choice's continuation ids.
+
+    The ids are lm-eval's (encode_pair); a context too long for max_length with the longest
+    choice is cut from the left, the same for every choice, so all choices share it.
+    """
+    out = []
+    for rec in records:
+        encs = [encode_pair(tokenizer, context(rec), cont, max_length) for cont in continuations(rec)]
+        ctx = min((e.ids[: len(e.ids) - e.n_target] for e in encs), key=len)
+        out.append((ctx, [e.ids[len(e.ids) - e.n_target:] for e in encs]))
+    return out
+
+
+def _padded(seqs: list[tuple[int, ...]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s)
+        mask[i, span] = 1
+    return ids, mask
 
 
 @torch.inference_mode()
 def choice_logliks(model, tokenizer, records: list[MCQRecord], *, max_length: int, batch_size: int,
                    device: torch.device, progress: bool = False, desc: str = "eval") -> list[list[float]]:
-    """Log-likelihood of every choice of every record (records × choices)."""
-    requests = []  # (record index, choice index, Encoded)
-    for ri, rec in enumerate(records):
-        ctx = context(rec)
-        for ci, cont in enumerate(continuations(rec)):
-            requests.append((ri, ci, encode_pair(tokenizer, ctx, cont, max_length)))
-    # Longest first: little padding per batch, and an out-of-memory shows up at once.
-    requests.sort(key=lambda r: -len(r[2].ids))
+    """Log-likelihood of every choice of every record (records × choices).
+
+    The context is run once per record and its key/value cache shared by the record's
+    choices (most of a multiple-choice prompt is its context: this is 3-4× fewer tokens than
+    scoring each context+choice pair whole, with the same log-likelihoods up to float error).
+    batch_size counts choices.
+    """
+    requests = _requests(tokenizer, records, max_length)
+    # Longest context first: little padding per batch, and an out-of-memory shows up at once.
+    order = sorted(range(len(records)), key=lambda i: -len(requests[i][0]))
+    groups, group, n_choices = [], [], 0
+    for ri in order:
+        group.append(ri)
+        n_choices += len(requests[ri][1])
+        if n_choices >= batch_size:
+            groups.append(group)
+            group, n_choices = [], 0
+    if group:
+        groups.append(group)
     out = [[0.0] * len(rec.choices) for rec in records]
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in tqdm(range(0, len(requests), batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = requests[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([r[2] for r in chunk], pad_id).items()}
-        logits, targets = answer_logits(model, batch)  # only the continuation's positions
-        keep = batch["labels"][:, 1:] != -100
-        row = torch.arange(len(chunk), device=device)[:, None].expand_as(keep)[keep]
-        logp = F.log_softmax(logits.float(), dim=-1)
-        tok = logp.gather(-1, targets[:, None]).squeeze(-1)
-        sums = torch.zeros(len(chunk), device=device, dtype=torch.float64).index_add_(0, row, tok.double())
-        for (ri, ci, _), s in zip(chunk, sums.tolist()):
-            out[ri][ci] = s
+    for group in tqdm(groups, desc=desc, disable=not progress, leave=False):
+        ctx_ids, ctx_mask = _padded([requests[ri][0] for ri in group], pad_id, left=True)
+        ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
+        # Explicit positions: left padding must not shift them (models with absolute positions).
+        ctx_pos = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+        first = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True,
+                      logits_to_keep=1)
+        pairs = [(b, ri, ci) for b, ri in enumerate(group) for ci in range(len(requests[ri][1]))]
+        which = torch.tensor([b for b, _, _ in pairs], device=device)
+        cache = first.past_key_values
+        cache.batch_select_indices(which)  # one copy of its context's cache per choice
+        cont_ids, cont_mask = _padded([requests[ri][1][ci] for _, ri, ci in pairs], pad_id, left=False)
+        cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
+        cont_pos = ctx_mask.sum(-1)[which][:, None] + torch.arange(cont_ids.shape[1], device=device)
+        rest = model(input_ids=cont_ids, attention_mask=torch.cat([ctx_mask[which], cont_mask], dim=1),
+                     position_ids=cont_pos, cache=cache, use_cache=False).logits
+        # Token 0 of a continuation is predicted by its context's last position, token t by t-1.
+        logits = torch.cat([first.logits[:, -1:][which], rest[:, :-1]], dim=1)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, cont_ids[..., None]).squeeze(-1)
+        sums = (logp.double() * cont_mask).sum(-1)
+        for (_, ri, ci), value in zip(pairs, sums.tolist()):
+            out[ri][ci] = value
     return out
 
 

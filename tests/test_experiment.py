@@ -1,0 +1,120 @@
+"""`fedcollm experiment`: every method lands in the tables, standalone is private, centralized pools
+exactly the split, the cache makes reruns free, and mean ± std is formatted right."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedcollm import components
+from fedcollm.data.encode import encode_for_training
+from fedcollm.experiment import methods
+from fedcollm.experiment.methods import LABELS, METHODS
+from fedcollm.experiment.tables import claims, fmt_mean_std
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, mcq_files):
+    """All methods, 2 seeds, 1 round on the smoke models: a real run of the CLI."""
+    out = tmp_path_factory.mktemp("experiment")
+    train, evals = mcq_files
+    cmd = [sys.executable, "-m", "fedcollm.cli", "experiment", "--preset", "smoke", "--seeds", "0,1",
+           "--out", str(out), "--set", 'data.dataset="mcq_jsonl"', "--set", f'data.train_file="{train}"',
+           "--set", f'data.eval_file="{evals}"', "--set", "federation.rounds=1", "--set", "run.progress=false"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    return out, first, again
+
+
+def test_every_method_lands_in_the_tables(experiment):
+    out, first, _ = experiment
+    doc = json.loads((out / "results.json").read_text())
+    res = doc["results"]["mcq_jsonl"]
+    assert set(res) == set(METHODS)
+    assert set(res["zero_shot"]) == {"all"}  # seed-independent: computed once
+    assert all(set(res[m]) == {"0", "1"} for m in METHODS if m != "zero_shot")
+    slm_methods = {"zero_shot", "standalone", "fedavg", "fedcollm", "kd_llm_to_slm", "kd_slm_to_llm", "lambda0"}
+    llm_methods = {"zero_shot", "fedcollm", "kd_llm_to_slm", "kd_slm_to_llm", "lambda0", "centralized"}
+    assert {m for m in METHODS if res[m]["0"]["slm"]} == slm_methods
+    assert {m for m in METHODS if res[m]["0"]["llm"]} == llm_methods
+    table = (out / "table1.md").read_text()
+    slm_block = table.split("## SLM (client model), acc")[1].split("##")[0]
+    llm_block = table.split("## LLM (server model), acc")[1].split("##")[0]
+    for m in slm_methods:
+        assert f"| {LABELS[m]} |" in slm_block, m
+    for m in llm_methods:
+        assert f"| {LABELS[m]} |" in llm_block, m
+    # The FedCoLLM row shows the mean ± std of exactly the two cached results.
+    accs = [res["fedcollm"][s]["slm"]["acc"] for s in ("0", "1")]
+    assert f"| {LABELS['fedcollm']} | {fmt_mean_std(accs)} |" in slm_block
+    assert "ratio bytes up / full SLM fp32" in (out / "table2.md").read_text()
+    assert (out / "table1.png").stat().st_size > 0
+    assert doc["meta"]["git_commit"]
+
+
+def test_rerun_is_served_from_the_cache(experiment):
+    out, first, again = experiment
+    n_jobs = 1 + 2 * (len(METHODS) - 1)
+    assert first.stdout.count(": running") == n_jobs
+    assert again.stdout.count(": cached") == n_jobs and ": running" not in again.stdout
+    assert len(list((out / "cache").rglob("*.json"))) == n_jobs
+
+
+def test_standalone_uses_no_other_clients_data(smoke_cfg, monkeypatch):
+    """Poison clients 1.. : client 0's standalone adapter and score must not change."""
+    cfg = dataclasses.replace(smoke_cfg, federation=dataclasses.replace(smoke_cfg.federation, rounds=1))
+    clean = methods.standalone(cfg, None)["clients"]
+    data = components.run_data(cfg)
+    garbage = encode_for_training(components.tokenizer(cfg), [dataclasses.replace(
+        data.train[0], question="poison " * 20, answer=(data.train[0].answer + 1) % 4)] * 12, cfg.data.max_length)
+    poisoned_data = dataclasses.replace(data, clients=[data.clients[0], *[garbage] * (len(data.clients) - 1)])
+    monkeypatch.setattr(components, "run_data", lambda c: poisoned_data)
+    poisoned = methods.standalone(cfg, None)["clients"]
+    assert poisoned[0] == clean[0]  # same adapter bits, same scores
+    # ...while the poison did change the clients that got it.
+    assert all(p["adapter_sha256"] != c["adapter_sha256"] for p, c in zip(poisoned[1:], clean[1:]))
+
+
+def test_centralized_sees_exactly_the_union_of_parts(smoke_cfg):
+    data = components.run_data(smoke_cfg)
+    split = data.split
+    union = sorted([*split.aux, *(i for part in split.clients for i in part)])
+    assert len(union) == len(set(union)) == smoke_cfg.data.max_train_examples  # disjoint, all of it
+    pooled = methods.centralized_examples(smoke_cfg)
+    expected = encode_for_training(components.tokenizer(smoke_cfg), [data.train[i] for i in union],
+                                   smoke_cfg.data.max_length)
+    assert sorted(e.ids for e in pooled) == sorted(e.ids for e in expected)
+    result = methods.centralized(smoke_cfg, None)
+    bs, epochs = smoke_cfg.client.batch_size, smoke_cfg.federation.rounds * smoke_cfg.client.local_epochs
+    assert result["examples"] == len(union)
+    assert result["steps"] == epochs * -(-len(union) // bs)
+    assert result["slm"] is None and 0 <= result["llm"]["acc"] <= 1
+
+
+@pytest.mark.parametrize("values, text", [
+    ([0.50, 0.52, 0.54], "52.0 ± 2.0"),
+    ([0.4125], "41.2"),  # one value (zero-shot): no ±
+    ([0.3, 0.3], "30.0 ± 0.0"),
+    ([], "–"),
+])
+def test_mean_std_format(values, text):
+    assert fmt_mean_std(values) == text
+
+
+def test_claims_are_computed_from_the_numbers():
+    def r(slm=None, llm=None):
+        return {"slm": slm and {"acc": slm}, "llm": llm and {"acc": llm}}
+
+    results = {"d": {"fedcollm": {"0": r(0.75, 0.5), "1": r(0.25, 0.6)},
+                     "standalone": {"0": r(0.5), "1": r(0.5)},
+                     "centralized": {"0": r(llm=0.5), "1": r(llm=0.6)}}}
+    lines = claims(results, ["d"])
+    assert lines[0] == ("- d: SLM FedCoLLM − Standalone (mean of clients) = 0.0 ± 35.4 points "
+                        "(FedCoLLM better on 1/2 seeds): claim does not hold.")
+    assert lines[1] == "- d: LLM FedCoLLM / centralized = 100.0 ± 0.0% (paper: 97–99%)."
