@@ -118,3 +118,12 @@ def test_claims_are_computed_from_the_numbers():
     assert lines[0] == ("- d: SLM FedCoLLM − Standalone (mean of clients) = 0.0 ± 35.4 points "
                         "(FedCoLLM better on 1/2 seeds): claim does not hold.")
     assert lines[1] == "- d: LLM FedCoLLM / centralized = 100.0 ± 0.0% (paper: 97–99%)."
+
+
+def test_missing_seeds_are_counted_in_the_cell():
+    from fedcollm.experiment.tables import _cell
+
+    one_seed = {"0": {"slm": {"acc": 0.5}}}
+    assert _cell(one_seed, "slm", "acc", 3, "fedcollm") == "50.0 (n=1)"  # 2 of 3 seeds missing
+    assert _cell({"all": {"slm": {"acc": 0.5}}}, "slm", "acc", 3, "zero_shot") == "50.0"  # seed-independent
+    assert _cell({}, "slm", "acc", 3, "fedcollm") == "–"

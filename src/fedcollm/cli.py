@@ -85,7 +85,8 @@ def cmd_experiment(args) -> int:
         load_config(args.config, [*args.overrides, f"data.dataset={json.dumps(d)}"], args.preset)
     methods = args.methods.split(",") if args.methods else list(METHODS)
     out = Path(args.out or "runs/experiment")
-    doc = run_experiment(base, datasets, seeds, methods, out, shlex.join(["fedcollm", *sys.argv[1:]]))
+    doc = run_experiment(base, datasets, seeds, methods, out, shlex.join(["fedcollm", *sys.argv[1:]]),
+                         compute=not args.report_only)
     print(f"[fedcollm] {len(doc['results'])} dataset(s): {out}/table1.md, {out}/table2.md, {out}/results.json")
     return 0
 
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default 0,1,2)")
     p_exp.add_argument("--datasets", help="comma-separated, e.g. arc_easy,openbookqa (default: data.dataset)")
     p_exp.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    p_exp.add_argument("--report-only", action="store_true",
+                       help="write the tables from the cached results only; compute nothing")
     p_exp.set_defaults(func=cmd_experiment)
 
     p_eval = sub.add_parser("eval", help="score one model (+ adapter) on a multiple-choice split")

@@ -47,7 +47,8 @@ def git_commit() -> str:
 
 
 def run_experiment(base: Config, datasets: list[str], seeds: list[int], methods: list[str], out: Path,
-                   command: str) -> dict:
+                   command: str, compute: bool = True) -> dict:
+    """Run (or, compute=False, only collect from the cache) every job, then write the tables."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise FedCoLLMError(f"experiment: unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
@@ -64,6 +65,9 @@ def run_experiment(base: Config, datasets: list[str], seeds: list[int], methods:
         if path.is_file():
             results[dataset][method][seed_key] = json.loads(path.read_text())["result"]
             print(f"{tag}: cached ({path})", flush=True)
+            continue
+        if not compute:
+            print(f"{tag}: not computed yet (left out of the tables)", flush=True)
             continue
         print(f"{tag}: running", flush=True)
         t0 = time.time()

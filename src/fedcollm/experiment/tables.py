@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from fedcollm.experiment.methods import LABELS
+from fedcollm.experiment.methods import LABELS, SEED_INDEPENDENT
 
 PAPER = {"llm_vs_centralized": "97–99%", "traffic_ratio": "0.24%"}
 
@@ -34,10 +34,18 @@ def _values(per_seed: dict, model: str, metric: str) -> list[float]:
     return [r[model][metric] for _, r in sorted(per_seed.items()) if r.get(model)]
 
 
-def _block(results: dict, datasets: list[str], methods: list[str], model: str, metric: str) -> list[str]:
+def _cell(per_seed: dict, model: str, metric: str, n_seeds: int, method: str) -> str:
+    """mean ± std, with the number of seeds where some are still missing."""
+    values = _values(per_seed, model, metric)
+    expected = 1 if method in SEED_INDEPENDENT else n_seeds
+    return fmt_mean_std(values) + (f" (n={len(values)})" if values and len(values) < expected else "")
+
+
+def _block(results: dict, datasets: list[str], methods: list[str], model: str, metric: str,
+           n_seeds: int) -> list[str]:
     lines = ["| method | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
     for m in methods:
-        cells = [fmt_mean_std(_values(results[d].get(m, {}), model, metric)) for d in datasets]
+        cells = [_cell(results[d].get(m, {}), model, metric, n_seeds, m) for d in datasets]
         if any(c != "–" for c in cells):
             lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     return lines
@@ -100,7 +108,7 @@ def table2(comm: dict | None) -> str:
 
 def table1(results: dict, meta: dict) -> str:
     datasets, methods = meta["datasets"], meta["methods"]
-    cfg = meta["config"]
+    cfg, n_seeds = meta["config"], len(meta["seeds"])
     lines = [
         "# Table 1: accuracy of the client SLM and the server LLM (%)", "",
         f"Command: `{meta['command']}`  ", f"Code: git commit `{meta['git_commit']}`  ",
@@ -115,10 +123,10 @@ def table1(results: dict, meta: dict) -> str:
         f"{cfg['data']['eval_split']} split; {cfg['federation']['rounds']} rounds × "
         f"{cfg['client']['local_epochs']} local epoch(s); KD λ={cfg['distill']['kd_lambda']}, "
         f"τ={cfg['distill']['temperature']}", "",
-        "## SLM (client model), acc", "", *_block(results, datasets, methods, "slm", "acc"), "",
-        "## LLM (server model), acc", "", *_block(results, datasets, methods, "llm", "acc"), "",
-        "## SLM, acc_norm", "", *_block(results, datasets, methods, "slm", "acc_norm"), "",
-        "## LLM, acc_norm", "", *_block(results, datasets, methods, "llm", "acc_norm"), "",
+        "## SLM (client model), acc", "", *_block(results, datasets, methods, "slm", "acc", n_seeds), "",
+        "## LLM (server model), acc", "", *_block(results, datasets, methods, "llm", "acc", n_seeds), "",
+        "## SLM, acc_norm", "", *_block(results, datasets, methods, "slm", "acc_norm", n_seeds), "",
+        "## LLM, acc_norm", "", *_block(results, datasets, methods, "llm", "acc_norm", n_seeds), "",
         "## The paper's claims, checked on these numbers", "", *claims(results, datasets), "",
     ]
     return "\n".join(lines)
