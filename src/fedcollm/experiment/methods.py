@@ -13,7 +13,7 @@ split, the token ids and the initial adapters once per config):
 - centralized:  the LLM fine-tuned on the auxiliary part and all client parts pooled, for
                 rounds × local_epochs passes.
 
-The federated methods run through the same Flower simulation as `fedcollm run`; the others
+The federated methods are `fedcollm run` (Flower's simulation) in a child process; the others
 reuse its training and evaluation components in this process.
 """
 
@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import shlex
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +32,7 @@ import torch
 
 from fedcollm import checkpoint, components
 from fedcollm.config import Config
+from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import evaluate
 from fedcollm.models.lora import adapter_state
 from fedcollm.train.sft import sft
@@ -95,16 +100,23 @@ def centralized(cfg: Config, workdir: Path) -> Result:
 
 def _federated(**distill) -> Callable[[Config, Path], Result]:
     def run(cfg: Config, workdir: Path) -> Result:
-        from fedcollm.runs.simulation import run_simulation  # noqa: PLC0415
-
         run_cfg = dataclasses.replace(
             cfg, distill=dataclasses.replace(cfg.distill, **distill),
             run=dataclasses.replace(cfg.run, out_dir=str(workdir), eval_every=0))
-        # A run killed earlier continues from its last complete round.
+        # `fedcollm run` in a child process: each run gets a fresh Ray and gives its memory back.
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_file = workdir.with_suffix(".toml")
+        config_file.write_text(run_cfg.to_toml())
+        cmd = [sys.executable, "-m", "fedcollm.cli", "run", "--config", str(config_file)]
         state = checkpoint.load(workdir)
         if state is not None and state["config_digest"] == run_cfg.digest():
-            run_cfg = dataclasses.replace(run_cfg, run=dataclasses.replace(run_cfg.run, resume=True))
-        summary = run_simulation(run_cfg)
+            cmd += ["--resume", str(workdir)]  # a run killed earlier continues after its last round
+        else:
+            cmd += ["--out", str(workdir)]
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            raise FedCoLLMError(f"experiment: `{shlex.join(cmd)}` failed with exit code {code} (its log is above)")
+        summary = json.loads((workdir / "summary.json").read_text())
         return {"slm": summary["slm"], "llm": summary["llm"], "comm": summary["comm"],
                 "wall_s": summary["wall_s"], "run_dir": str(workdir)}
 
