@@ -53,8 +53,10 @@ def run_experiment(base: Config, datasets: list[str], seeds: list[int], methods:
     if unknown:
         raise FedCoLLMError(f"experiment: unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(d, m, s) for d in datasets for m in methods
-            for s in ([seeds[0]] if m in SEED_INDEPENDENT else seeds)]
+    # Seed by seed: an interrupted experiment leaves whole seeds (every method) rather than whole
+    # methods (every seed), and the first seed's table is there early.
+    jobs = [(d, m, s) for d in datasets for s in seeds for m in methods
+            if m not in SEED_INDEPENDENT or s == seeds[0]]
     results: dict = {d: {m: {} for m in methods} for d in datasets}
     t_all = time.time()
     for i, (dataset, method, seed) in enumerate(jobs, 1):
