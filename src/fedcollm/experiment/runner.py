@@ -58,6 +58,8 @@ def run_experiment(base: Config, datasets: list[str], seeds: list[int], methods:
     jobs = [(d, m, s) for d in datasets for s in seeds for m in methods
             if m not in SEED_INDEPENDENT or s == seeds[0]]
     results: dict = {d: {m: {} for m in methods} for d in datasets}
+    commits: set[str] = set()  # the code each result in the tables was computed with
+    code = git_commit()  # this process's code: what it imported now, whatever is edited later
     t_all = time.time()
     for i, (dataset, method, seed) in enumerate(jobs, 1):
         cfg = cfg_for(base, dataset, seed)
@@ -65,7 +67,9 @@ def run_experiment(base: Config, datasets: list[str], seeds: list[int], methods:
         path = out / "cache" / dataset / method / f"seed{seed_key}-{cfg.digest()}.json"
         tag = f"[experiment] ({i}/{len(jobs)}) {dataset} {method} seed {seed_key}"
         if path.is_file():
-            results[dataset][method][seed_key] = json.loads(path.read_text())["result"]
+            cached = json.loads(path.read_text())
+            results[dataset][method][seed_key] = cached["result"]
+            commits.add(cached["git_commit"])
             print(f"{tag}: cached ({path})", flush=True)
             continue
         if not compute:
@@ -77,11 +81,12 @@ def run_experiment(base: Config, datasets: list[str], seeds: list[int], methods:
         result = METHODS[method](cfg, workdir)
         result["seconds"] = time.time() - t0
         _write_atomic(path, {"dataset": dataset, "method": method, "seed": seed_key,
-                             "config_digest": cfg.digest(), "git_commit": git_commit(), "result": result})
+                             "config_digest": cfg.digest(), "git_commit": code, "result": result})
         results[dataset][method][seed_key] = result
+        commits.add(code)
         print(f"{tag}: done in {result['seconds']:.0f} s: SLM {_acc(result['slm'])} LLM {_acc(result['llm'])}",
               flush=True)
-    meta = {"command": command, "git_commit": git_commit(), "seeds": seeds, "datasets": datasets,
+    meta = {"command": command, "git_commit": code, "result_commits": sorted(commits), "seeds": seeds, "datasets": datasets,
             "methods": methods, "config": base.to_dict(), "wall_s_this_invocation": time.time() - t_all}
     return write_tables(out, results, meta)
 

@@ -106,12 +106,19 @@ def table2(comm: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _commits(commits: list[str]) -> str:
+    short = [c[:12] + ("-dirty" if c.endswith("-dirty") else "") for c in commits]
+    return ", ".join(f"`{c}`" for c in short) or "–"
+
+
 def table1(results: dict, meta: dict) -> str:
     datasets, methods = meta["datasets"], meta["methods"]
     cfg, n_seeds = meta["config"], len(meta["seeds"])
     lines = [
         "# Table 1: accuracy of the client SLM and the server LLM (%)", "",
-        f"Command: `{meta['command']}`  ", f"Code: git commit `{meta['git_commit']}`  ",
+        f"Command: `{meta['command']}`  ",
+        f"Code: tables written at git commit `{meta['git_commit']}`; the results in them were computed at "
+        f"{_commits(meta.get('result_commits', []))}  ",
         f"Seeds: {', '.join(map(str, meta['seeds']))} (mean ± sample std over seeds; each seed has its own "
         "split and initial adapters; zero-shot does not depend on the seed)  ",
         f"Models: LLM `{cfg['model']['llm']}`, SLM `{cfg['model']['slm'] or 'pruned LLM: first '}"
