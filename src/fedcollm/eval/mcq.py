@@ -45,8 +45,9 @@ def choice_logliks(model, tokenizer, records: list[MCQRecord], *, max_length: in
     """Log-likelihood of every choice of every record (records × choices).
 
     The context is run once per record and its key/value cache shared by the record's
-    choices (most of a multiple-choice prompt is its context: this is 3-4× fewer tokens than
-    scoring each context+choice pair whole, with the same log-likelihoods up to float error).
+    choices (most of a multiple-choice prompt is its context, so far fewer tokens go through the
+    model than when each context+choice pair is scored whole; 1.2-1.6× faster measured on
+    ARC-Easy, same log-likelihoods up to float error).
     batch_size counts choices.
     """
     requests = _requests(tokenizer, records, max_length)

@@ -1,8 +1,9 @@
 """`fedcollm experiment`: every method × dataset × seed on the same splits, cached and resumable.
 
 Each result is written, atomically, to `cache/<dataset>/<method>/seed<S>-<digest>.json` as soon
-as it is computed; the digest is that of the method's full config, so a rerun skips what is done
-and a changed config computes anew without overwriting what an older one produced. Federated
+as it is computed; the digest is that of the experiment's config for that dataset and seed (each
+method's own changes to it are fixed by its name), so a rerun skips what is done and a changed
+config computes anew without overwriting what an older one produced. Federated
 runs keep their own output folder under `runs/` and resume from its last checkpoint.
 """
 
