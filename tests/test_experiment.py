@@ -132,3 +132,11 @@ def test_missing_seeds_are_counted_in_the_cell():
     assert _cell(one_seed, "slm", "acc", 3, "fedcollm") == "50.0 (n=1)"  # 2 of 3 seeds missing
     assert _cell({"all": {"slm": {"acc": 0.5}}}, "slm", "acc", 3, "zero_shot") == "50.0"  # seed-independent
     assert _cell({}, "slm", "acc", 3, "fedcollm") == "–"
+
+
+def test_compute_time_sums_each_datasets_results():
+    from fedcollm.experiment.tables import compute_time
+
+    results = {"a": {"zero_shot": {"all": {"seconds": 60.0}}, "fedcollm": {"0": {"seconds": 120.0}, "1": {}}},
+               "b": {}}
+    assert compute_time(results, ["a", "b"]) == ["- a: 3 min for 2 results"]

@@ -106,6 +106,17 @@ def table2(comm: dict | None) -> str:
     return "\n".join(lines)
 
 
+def compute_time(results: dict, datasets: list[str]) -> list[str]:
+    """Per dataset: the summed wall time of its cached results (each measured when it ran, so a
+    result computed while the machine was busy with something else counts its slower time)."""
+    lines = []
+    for d in datasets:
+        secs = [r["seconds"] for per_seed in results[d].values() for r in per_seed.values() if "seconds" in r]
+        if secs:
+            lines.append(f"- {d}: {sum(secs) / 60:.0f} min for {len(secs)} results")
+    return lines
+
+
 def _commits(commits: list[str]) -> str:
     short = [c[:12] + ("-dirty" if c.endswith("-dirty") else "") for c in commits]
     return ", ".join(f"`{c}`" for c in short) or "–"
@@ -135,6 +146,8 @@ def table1(results: dict, meta: dict) -> str:
         "## SLM, acc_norm", "", *_block(results, datasets, methods, "slm", "acc_norm", n_seeds), "",
         "## LLM, acc_norm", "", *_block(results, datasets, methods, "llm", "acc_norm", n_seeds), "",
         "## The paper's claims, checked on these numbers", "", *claims(results, datasets), "",
+        "## Compute time (sum over the method/seed results in this table)", "",
+        *compute_time(results, datasets), "",
     ]
     return "\n".join(lines)
 
