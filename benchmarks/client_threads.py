@@ -28,7 +28,7 @@ def train(cfg, threads: int, steps: int, seed: int, barrier, out) -> None:
     from fedcollm.train.sft import sft  # noqa: PLC0415
 
     torch.set_num_threads(threads)
-    part = components.run_data(cfg).clients[seed % cfg.data.num_clients]
+    part = components.client_examples(cfg, seed % cfg.data.num_clients)
     examples = (part * (1 + steps * cfg.client.batch_size // len(part)))[: steps * cfg.client.batch_size]
     model = components.build_slm(cfg)
     pad = components.tokenizer(cfg).pad_token_id

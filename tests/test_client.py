@@ -14,7 +14,7 @@ from fedcollm.models.lora import adapter_to_ndarrays
 def test_fit_on_own_partition_and_on_own_file(smoke_cfg, tmp_path):
     global_adapter = encode(adapter_to_ndarrays(components.build_slm(smoke_cfg)), "fp32")
     arrays, n, metrics = SLMClient(smoke_cfg, 2).fit(global_adapter, {"round": 1})
-    assert n == len(components.run_data(smoke_cfg).clients[2]) and metrics["partition"] == 2
+    assert n == len(components.client_examples(smoke_cfg, 2)) and metrics["partition"] == 2
     assert any(not np.array_equal(a, b) for a, b in zip(arrays, global_adapter))
     again, _, _ = SLMClient(smoke_cfg, 2).fit(global_adapter, {"round": 1})
     assert all(np.array_equal(a, b) for a, b in zip(arrays, again)), "same round, same client: same update"

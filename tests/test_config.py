@@ -33,15 +33,18 @@ def test_toml_file_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["federation.roundz=3"], "config: unknown key 'federation.roundz' (known: client_cpus, client_gpus, "
-     "fraction_fit, max_update_norm, min_clients, round_timeout, rounds, secagg_clipping_range, "
+     "fraction_fit, max_client_examples, max_update_norm, min_clients, round_timeout, rounds, secagg_clipping_range, "
      "secagg_num_shares, secagg_quantization_range, secagg_reconstruction_threshold, secure_aggregation, transport)"),
     (["federation.rounds=\"three\""], "config: federation.rounds must be an integer, got 'three'"),
     (["federation.rounds=0"], "config: federation.rounds must be > 0, got 0"),
     (["distill.top_k=-1"], "config: distill.top_k must be >= 0, got -1"),
-    (["data.partition=\"zipf\""], "config: data.partition = 'zipf' is not one of iid, dirichlet"),
-    (["data.train_file=\"/nope.jsonl\""], "config: data.train_file = '/nope.jsonl': no such file"),
+    (["data.partition=\"zipf\""], "config: data.partition = 'zipf' is not one of iid, dirichlet, topic"),
     (["lora.dropout=1.5"], "config: lora.dropout must be in [0, 1), got 1.5"),
-    (["data.dataset=\"mcq_jsonl\""], "config: data.dataset = 'mcq_jsonl' needs data.train_file and data.eval_file"),
+    (["data.dataset=\"mcq_jsonl\""], "config: data.dataset = 'mcq_jsonl' needs data.eval_file and data.train_file "
+     "(or, for a server whose clients hold their own files, data.aux_file)"),
+    (["federation.client_gpus=\"half\""], "config: federation.client_gpus must be 'auto' or a number >= 0, got 'half'"),
+    (["federation.client_gpus=-1"], "config: federation.client_gpus must be 'auto' or a number >= 0, got -1.0"),
+    (["data.aux_fraction=1.0"], "config: data.aux_fraction must be in [0, 1), got 1.0"),
     (["federation.min_clients=5"], "config: federation.min_clients = 5 exceeds data.num_clients = 4"),
     (["federation.transport=\"int4\""], "config: federation.transport = 'int4' is not one of fp32, fp16, int8"),
     (["lora=3"], "config: [lora] must be a table, got 3"),
@@ -51,6 +54,22 @@ def test_bad_config_exact_one_line_error(overrides, message):
     with pytest.raises(FedCoLLMError) as err:
         load_config(overrides=overrides)
     assert str(err.value) == message
+
+
+def test_missing_files_are_named_by_the_launchers_not_by_load_config(tmp_path):
+    from fedcollm.config import check_files  # noqa: PLC0415
+
+    cfg = load_config(overrides=['data.train_file="/nope.jsonl"'])  # a SuperNode may lack the server's files
+    with pytest.raises(FedCoLLMError) as err:
+        check_files(cfg)
+    assert str(err.value) == "config: data.train_file = '/nope.jsonl': no such file"
+    assert main(["run", "--set", 'data.aux_file="/nope/aux.jsonl"']) == 2
+
+
+def test_client_gpus_takes_auto_or_a_number():
+    assert load_config().federation.client_gpus == "auto"
+    assert load_config(overrides=["federation.client_gpus=0.25"]).federation.client_gpus == 0.25
+    assert load_config(overrides=["federation.client_gpus=1"]).federation.client_gpus == 1.0
 
 
 def test_cli_bad_config_exits_nonzero_with_one_line(capsys, tmp_path):

@@ -16,7 +16,8 @@ needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared/data not pre
 @needs_shared
 @pytest.mark.parametrize("name,split,rows,n_choices", [
     ("arc_easy", "train", 2251, None), ("arc_easy", "test", 2376, None),
-    ("arc_challenge", "validation", 299, None), ("openbookqa", "test", 500, 4),
+    ("arc_challenge", "validation", 299, None), ("arc_challenge", "test", 1172, None),
+    ("openbookqa", "test", 500, 4),
     ("commonsense_qa", "test", 1221, 5),  # lm-eval evaluates CSQA on its dev split
 ])
 def test_shared_datasets_load(name, split, rows, n_choices):
@@ -64,13 +65,29 @@ def test_malformed_line_names_file_and_line(tmp_path, line, message):
 
 
 def test_missing_dataset_names_every_place_tried(tmp_path, monkeypatch):
+    import dataclasses  # noqa: PLC0415
+
+    from fedcollm.data import loaders  # noqa: PLC0415
+
+    # A split that no root holds (every real one is in ../shared/data now).
+    spec = loaders.DATASETS["arc_challenge"]
+    monkeypatch.setitem(loaders.DATASETS, "arc_challenge", dataclasses.replace(
+        spec, files={**spec.files, "test": "arc/ARC-Challenge-Missing.jsonl"}))
     monkeypatch.setenv("FEDCOLLM_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(FedCoLLMError) as err:
         load_split("arc_challenge", "test", str(tmp_path / "mine"))
     text = str(err.value)
-    assert str(tmp_path / "mine" / "arc" / "ARC-Challenge-Test.jsonl") in text
-    assert str(tmp_path / "env" / "arc" / "ARC-Challenge-Test.jsonl") in text
-    assert "shared/data/arc/ARC-Challenge-Test.jsonl" in text
+    assert str(tmp_path / "mine" / "arc" / "ARC-Challenge-Missing.jsonl") in text
+    assert str(tmp_path / "env" / "arc" / "ARC-Challenge-Missing.jsonl") in text
+    assert "shared/data/arc/ARC-Challenge-Missing.jsonl" in text
     assert "hub allenai/ai2_arc" in text
+
+
+def test_commonsense_qa_hub_fallback_reads_the_labelled_split():
+    from fedcollm.data.loaders import DATASETS  # noqa: PLC0415
+
+    # Its hub test split has no answers: "test" means validation there, as lm-eval does.
+    assert dict(DATASETS["commonsense_qa"].hub_splits)["test"] == "validation"
+    assert dict(DATASETS["arc_easy"].hub_splits)["test"] == "test"

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedcollm import components
 from fedcollm.config import load_config
 from fedcollm.runs.certs import make_node_key, make_tls
 from fedcollm.runs.deploy import deploy_local
@@ -19,17 +20,42 @@ from fedcollm.runs.simulation import run_simulation
 pytestmark = pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs procps")
 
 
-def _cfg(mcq_files, out):
+def _cfg(mcq_files, out, *extra):
     train, evals = mcq_files
     return load_config(preset="smoke", overrides=[
         'data.dataset="mcq_jsonl"', f'data.train_file="{train}"', f'data.eval_file="{evals}"',
-        "data.num_clients=2", "run.progress=false", f'run.out_dir="{out}"'])
+        "data.num_clients=2", "run.progress=false", f'run.out_dir="{out}"', *extra])
+
+
+def _write(path: Path, records) -> str:
+    path.write_text("".join(json.dumps({"id": r.id, "question": r.question, "choices": list(r.choices),
+                                        "answer": r.answer}) + "\n" for r in records))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
-def deployed(mcq_files, tmp_path_factory):
+def own_files(mcq_files, tmp_path_factory):
+    """The simulation's split written out: the server's aux file and one file per client."""
+    folder = tmp_path_factory.mktemp("files")
+    train, split = components.train_split(_cfg(mcq_files, folder / "unused"))
+    aux = _write(folder / "aux.jsonl", [train[i] for i in split.aux])
+    clients = [_write(folder / f"client{k}.jsonl", [train[i] for i in part]) for k, part in enumerate(split.clients)]
+    return aux, clients, max(len(p) for p in split.clients)
+
+
+@pytest.fixture(scope="module")
+def deployed(mcq_files, own_files, tmp_path_factory):
+    """A deployment whose server is given no training data at all: only its aux file and the
+    eval file. Each SuperNode trains on its own file (node-config train-file)."""
     out = tmp_path_factory.mktemp("deploy") / "run"
-    return out, deploy_local(_cfg(mcq_files, out), unregistered=1, timeout=600)
+    aux, clients, largest = own_files
+    _, evals = mcq_files
+    cfg = load_config(preset="smoke", overrides=[
+        'data.dataset="mcq_jsonl"', f'data.aux_file="{aux}"', f'data.eval_file="{evals}"',
+        "data.num_clients=2", f"federation.max_client_examples={largest}", "run.progress=false",
+        f'run.out_dir="{out}"'])
+    assert cfg.data.train_file == ""
+    return out, deploy_local(cfg, unregistered=1, timeout=600, train_files=clients)
 
 
 def test_deployment_completes_with_the_simulation_outputs(deployed):
@@ -56,6 +82,8 @@ def test_unregistered_supernode_is_refused(deployed):
 
 
 def test_simulation_and_deployment_give_the_same_adapter(deployed, mcq_files, tmp_path):
+    """The simulation on the shared split equals the deployment whose server never saw the
+    clients' data: the server's aux file and the clients' own files are that split's parts."""
     out, _ = deployed
     cfg = _cfg(mcq_files, tmp_path / "sim")
     run_simulation(cfg)
@@ -64,6 +92,43 @@ def test_simulation_and_deployment_give_the_same_adapter(deployed, mcq_files, tm
     assert sim.keys() == dep.keys()
     for k in sim:
         np.testing.assert_allclose(sim[k], dep[k], rtol=1e-4, atol=1e-6)
+    run_toml = (out / "deployment" / "run.toml").read_text()
+    assert "client0.jsonl" not in run_toml and "train_file" in run_toml and 'train_file = ""' in run_toml
+
+
+def test_server_with_an_aux_file_never_reads_the_training_split(own_files, mcq_files, monkeypatch):
+    from fedcollm.data import loaders  # noqa: PLC0415
+
+    aux, _, largest = own_files
+    _, evals = mcq_files
+    cfg = load_config(preset="smoke", overrides=[
+        'data.dataset="mcq_jsonl"', f'data.aux_file="{aux}"', f'data.eval_file="{evals}"',
+        "data.num_clients=2", f"federation.max_client_examples={largest}"])
+
+    def no_training_split(*_):
+        raise AssertionError("the server opened the training split")
+
+    monkeypatch.setattr(components, "load_train", no_training_split)
+    monkeypatch.setattr(loaders, "load_train", no_training_split)
+    data = components.server_data(cfg)
+    assert len(data.aux) == len(loaders.read_jsonl(aux)) and data.client_sizes is None
+
+
+def test_deploy_local_clients_sets_the_number_of_clients(monkeypatch):
+    import argparse  # noqa: PLC0415
+
+    from fedcollm import cli  # noqa: PLC0415
+
+    seen = {}
+
+    def fake_deploy(cfg, **_):
+        seen["cfg"] = cfg
+        return {"rounds": 0, "slm": None, "llm": None, "deployment": {}}
+
+    monkeypatch.setattr("fedcollm.runs.deploy.deploy_local", fake_deploy)
+    args = argparse.Namespace(config=None, preset="smoke", overrides=[], out=None, clients=2, timeout=1.0)
+    assert cli.cmd_deploy_local(args) == 0
+    assert seen["cfg"].data.num_clients == 2
 
 
 def test_credentials_are_what_flower_expects(tmp_path):
@@ -80,8 +145,3 @@ def test_credentials_are_what_flower_expects(tmp_path):
     assert oct(priv.stat().st_mode)[-3:] == "600"
 
 
-def test_config_with_other_client_count_is_refused(mcq_files, tmp_path):
-    from fedcollm.errors import FedCoLLMError  # noqa: PLC0415
-
-    with pytest.raises(FedCoLLMError, match="--clients 3 differs from data.num_clients = 2"):
-        deploy_local(dataclasses.replace(_cfg(mcq_files, tmp_path)), clients=3)

@@ -32,7 +32,7 @@ def _kd_only(cfg, **kw):
 
 def test_kd_alone_updates_both_adapters(smoke_cfg):
     llm, slm = _models(smoke_cfg)
-    data = components.run_data(smoke_cfg)
+    data = components.server_data(smoke_cfg)
     b_llm, b_slm = _snapshot(llm), _snapshot(slm)
     mutual_distill(llm, slm, data.aux[:4], _kd_only(smoke_cfg, batch_size=4),
                    pad_id=components.tokenizer(smoke_cfg).pad_token_id, seed=0, device=torch.device("cpu"))
@@ -43,7 +43,7 @@ def test_kd_alone_updates_both_adapters(smoke_cfg):
 @pytest.mark.parametrize("llm_dir,slm_dir", [(True, False), (False, True)])
 def test_one_way_kd_leaves_the_other_adapter(smoke_cfg, llm_dir, slm_dir):
     llm, slm = _models(smoke_cfg)
-    data = components.run_data(smoke_cfg)
+    data = components.server_data(smoke_cfg)
     b_llm, b_slm = _snapshot(llm), _snapshot(slm)
     cfg = _kd_only(smoke_cfg, batch_size=4, llm_learns_from_slm=llm_dir, slm_learns_from_llm=slm_dir)
     mutual_distill(llm, slm, data.aux[:4], cfg, pad_id=components.tokenizer(smoke_cfg).pad_token_id,
@@ -54,7 +54,7 @@ def test_one_way_kd_leaves_the_other_adapter(smoke_cfg, llm_dir, slm_dir):
 
 def test_gradient_of_kd_term_is_nonzero_in_both(smoke_cfg):
     llm, slm = _models(smoke_cfg)
-    data = components.run_data(smoke_cfg)
+    data = components.server_data(smoke_cfg)
     batch = collate(data.aux[:4], components.tokenizer(smoke_cfg).pad_token_id)
     loss, _ = mutual_kd_step(llm, slm, batch, _kd_only(smoke_cfg))
     loss.backward()
@@ -78,9 +78,19 @@ def test_topk_kl_matches_full_kl_when_k_is_the_vocabulary():
 
 def test_lambda_zero_is_sft_on_aux(smoke_cfg):
     llm, slm = _models(smoke_cfg)
-    data = components.run_data(smoke_cfg)
+    data = components.server_data(smoke_cfg)
     batch = collate(data.aux[:4], components.tokenizer(smoke_cfg).pad_token_id)
     cfg = dataclasses.replace(smoke_cfg.distill, kd_lambda=0.0)
     loss, parts = mutual_kd_step(llm, slm, batch, cfg)
     assert parts["kl_llm"] > 0 and parts["kl_slm"] > 0  # the terms exist but weigh nothing
     assert loss.item() == pytest.approx(parts["ce_llm"] + parts["ce_slm"], rel=1e-6)
+
+
+def test_kd_kl_equals_a_hand_computed_asymmetric_value():
+    # teacher t = [2, 0, 0], student s = [0, 1, 0], τ = 2:
+    #   p = softmax(t/2) = [0.57612, 0.21194, 0.21194], q = softmax(s/2) = [0.27407, 0.45186, 0.27407]
+    #   KL(p‖q)·τ² = 4 · Σ p log(p/q) = 0.85231;  the other direction, KL(q‖p)·τ², is 0.83572,
+    #   and without τ² it would be 0.21308: the test fails if the direction or τ² is wrong.
+    teacher, student = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    assert kd_kl(student, teacher, temperature=2.0).item() == pytest.approx(0.8523126, abs=1e-6)
+    assert kd_kl(teacher, student, temperature=2.0).item() == pytest.approx(0.8357228, abs=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import subprocess
 import sys
 
@@ -54,7 +55,10 @@ def test_every_method_lands_in_the_tables(experiment):
     for m in llm_methods:
         assert f"| {LABELS[m]} |" in llm_block, m
     assert f"| {LABELS['fedcollm']} | {fmt_mean_std([res['fedcollm']['0']['slm']['acc']])} |" in slm_block
-    assert doc["meta"]["git_commit"]
+    assert doc["meta"]["git_commit"] and list(doc["meta"]["result_versions"]) == [doc["meta"]["code_version"]]
+    # Per-item scores travel with every result (the paired tests need them).
+    assert len(res["fedcollm"]["0"]["slm"]["correct"]) == len(res["fedcollm"]["0"]["llm"]["correct"]) == 12
+    assert "Paired bootstrap over the test items" in table
     assert "ratio bytes up / full SLM fp32" in table
     assert (out / "table1.png").stat().st_size > 0
 
@@ -75,11 +79,11 @@ def test_standalone_uses_no_other_clients_data(smoke_cfg, monkeypatch):
     """Poison clients 1.. : client 0's standalone adapter and score must not change."""
     cfg = dataclasses.replace(smoke_cfg, federation=dataclasses.replace(smoke_cfg.federation, rounds=1))
     clean = methods.standalone(cfg, None)["clients"]
-    data = components.run_data(cfg)
+    train, _ = components.train_split(cfg)
     garbage = encode_for_training(components.tokenizer(cfg), [dataclasses.replace(
-        data.train[0], question="poison " * 20, answer=(data.train[0].answer + 1) % 4)] * 12, cfg.data.max_length)
-    poisoned_data = dataclasses.replace(data, clients=[data.clients[0], *[garbage] * (len(data.clients) - 1)])
-    monkeypatch.setattr(components, "run_data", lambda c: poisoned_data)
+        train[0], question="poison " * 20, answer=(train[0].answer + 1) % 4)] * 12, cfg.data.max_length)
+    honest = components.client_examples
+    monkeypatch.setattr(components, "client_examples", lambda c, k: honest(c, k) if k == 0 else garbage)
     poisoned = methods.standalone(cfg, None)["clients"]
     assert poisoned[0] == clean[0]  # same adapter bits, same scores
     # ...while the poison did change the clients that got it.
@@ -87,12 +91,11 @@ def test_standalone_uses_no_other_clients_data(smoke_cfg, monkeypatch):
 
 
 def test_centralized_sees_exactly_the_union_of_parts(smoke_cfg):
-    data = components.run_data(smoke_cfg)
-    split = data.split
+    train, split = components.train_split(smoke_cfg)
     union = sorted([*split.aux, *(i for part in split.clients for i in part)])
     assert len(union) == len(set(union)) == smoke_cfg.data.max_train_examples  # disjoint, all of it
     pooled = methods.centralized_examples(smoke_cfg)
-    expected = encode_for_training(components.tokenizer(smoke_cfg), [data.train[i] for i in union],
+    expected = encode_for_training(components.tokenizer(smoke_cfg), [train[i] for i in union],
                                    smoke_cfg.data.max_length)
     assert sorted(e.ids for e in pooled) == sorted(e.ids for e in expected)
     result = methods.centralized(smoke_cfg, None)
@@ -120,9 +123,85 @@ def test_claims_are_computed_from_the_numbers():
                      "standalone": {"0": r(0.5), "1": r(0.5)},
                      "centralized": {"0": r(llm=0.5), "1": r(llm=0.6)}}}
     lines = claims(results, ["d"])
-    assert lines[0] == ("- d: SLM FedCoLLM − Standalone (mean of clients) = 0.0 ± 35.4 points "
-                        "(FedCoLLM better on 1/2 seeds): claim does not hold.")
-    assert lines[1] == "- d: LLM FedCoLLM / centralized = 100.0 ± 0.0% (paper: 97–99%)."
+    assert "| d | SLM: FedCoLLM − Standalone (mean of clients) | – | – | no per-item scores kept" in lines[2]
+    assert ("- d: SLM FedCoLLM − Standalone (mean of clients) = 0.0 ± 35.4 points over seeds "
+            "(FedCoLLM better on 1/2 seeds).") in lines
+    assert "- d: LLM FedCoLLM / centralized = 100.0 ± 0.0% over seeds (paper: 97–99%)." in lines
+
+
+def _scored(correct: list[float]) -> dict:
+    return {"acc": sum(correct) / len(correct), "correct": correct}
+
+
+def test_claims_carry_a_paired_bootstrap_verdict():
+    rng = random.Random(0)
+    n = 400
+    base = [float(rng.random() < 0.5) for _ in range(n)]
+    better = [1.0 if rng.random() < 0.3 else x for x in base]  # right on ~15% more items
+    results = {"d": {
+        "fedcollm": {s: {"slm": _scored(better), "llm": _scored(base)} for s in ("0", "1")},
+        "standalone": {s: {"slm": _scored(base), "llm": None} for s in ("0", "1")},
+        "fedavg": {s: {"slm": _scored(better), "llm": None} for s in ("0", "1")},
+        "centralized": {s: {"slm": None, "llm": _scored(better)} for s in ("0", "1")}}}
+    rows = {line.split(" | ")[1]: line for line in claims(results, ["d"]) if line.startswith("| d |")}
+    assert rows["SLM: FedCoLLM − Standalone (mean of clients)"].endswith("| holds: significantly better |")
+    assert "s0: +" in rows["SLM: FedCoLLM − Standalone (mean of clients)"]
+    assert rows["SLM: FedCoLLM − FedAvg (clients only)"].endswith("| not significant (the interval covers 0) |")
+    assert rows["LLM: FedCoLLM − centralized"].endswith("| does not hold: significantly worse |")
+    assert rows["LLM: FedCoLLM / centralized (paper: 97–99%)"].endswith("| does not hold: < 97% at 95% |")
+
+
+def test_paired_bootstrap_intervals():
+    from fedcollm.experiment.significance import paired_bootstrap  # noqa: PLC0415
+
+    all_right, all_wrong = [[1.0] * 50], [[0.0] * 50]
+    iv = paired_bootstrap(all_right, all_wrong)
+    assert (iv.value, iv.low, iv.high, iv.significant) == (1.0, 1.0, 1.0, True)
+    same = paired_bootstrap([[1.0, 0.0] * 25], [[1.0, 0.0] * 25])
+    assert (same.value, same.low, same.high, same.significant) == (0.0, 0.0, 0.0, False)
+    # One item in 50 differs: a +2-point difference whose interval reaches 0.
+    one = paired_bootstrap([[1.0] + [0.0] * 49], [[0.0] * 50])
+    assert one.value == pytest.approx(0.02) and one.low == 0.0 and not one.significant
+    ratio = paired_bootstrap([[1.0, 1.0, 0.0, 0.0]], [[1.0, 1.0, 1.0, 1.0]], "ratio")
+    assert ratio.value == pytest.approx(0.5) and ratio.reference == 1.0
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap([[1.0, 0.0]], [[1.0]])
+
+
+# --- one table, one code version ---------------------------------------------------------------
+
+def _fake_method(acc: float):
+    def run(cfg, workdir):
+        return {"slm": {"acc": acc, "acc_norm": acc, "n": 1}, "llm": None}
+    return run
+
+
+def test_results_of_other_code_are_recomputed_or_refused(smoke_cfg, tmp_path, monkeypatch, capsys):
+    from fedcollm.errors import FedCoLLMError  # noqa: PLC0415
+    from fedcollm.experiment import runner  # noqa: PLC0415
+
+    monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(0.5))
+    monkeypatch.setattr(runner, "code_version", lambda: "old")
+    runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [0, 1], ["standalone"], tmp_path, "cmd")
+    # The code changes; seed 1 is computed by the new code, seed 0 kept from the old.
+    monkeypatch.setattr(runner, "code_version", lambda: "new")
+    monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(0.75))
+    cache = tmp_path / "cache" / "mcq_jsonl" / "standalone"
+    next(cache.glob("seed1-*-old.json")).unlink()
+    runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [1], ["standalone"], tmp_path, "cmd")
+    with pytest.raises(FedCoLLMError) as err:  # the tables would mix old and new
+        runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [0, 1], ["standalone"], tmp_path, "cmd", compute=False)
+    assert str(err.value).startswith("experiment: the cached results come from 2 code versions (")
+    assert "--allow-mixed-versions" in str(err.value) and "\n" not in str(err.value)
+    doc = runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [0, 1], ["standalone"], tmp_path, "cmd",
+                                compute=False, allow_mixed=True)
+    assert doc["meta"]["result_versions"] == {"old": 1, "new": 1}
+    assert "**Mixed code versions**" in (tmp_path / "table1.md").read_text()
+    # Computing (not --report-only) recomputes the old result with the new code: one version.
+    doc = runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [0, 1], ["standalone"], tmp_path, "cmd")
+    assert doc["meta"]["result_versions"] == {"new": 2}
+    assert {r["slm"]["acc"] for r in doc["results"]["mcq_jsonl"]["standalone"].values()} == {0.75}
+    assert "Mixed" not in (tmp_path / "table1.md").read_text()
 
 
 def test_missing_seeds_are_counted_in_the_cell():

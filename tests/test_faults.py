@@ -166,7 +166,7 @@ def test_bad_updates_are_rejected_and_the_round_completes(smoke_cfg, tmp_path):
     reasons = {r["client"]: r["reason"] for r in row["rejected"]}
     assert reasons[1] == "tensor 0 holds NaN or Inf"
     assert reasons[2].startswith("tensor 1 has shape")
-    assert reasons[3].startswith("update norm") and "exceeds federation.max_update_norm = 1000" in reasons[3]
+    assert reasons[3].startswith("update norm ‖θ_k − θ_global‖") and "exceeds federation.max_update_norm = 100" in reasons[3]
     assert row["clients_ok"] == 1 and row["kd_steps"] > 0
     assert len(seen["fit_inputs"][1]) == 4  # all four arrived; three were not averaged
 
@@ -208,8 +208,15 @@ def test_below_min_clients_the_run_stops_cleanly(smoke_cfg, tmp_path):
     ([np.zeros((3, 2), np.float32)], 5, "tensor 0 has shape (3, 2), expected (2, 3)"),
     ([np.zeros((2, 3), np.int64)], 5, "tensor 0 has dtype int64, expected a float type"),
     ([np.full((2, 3), np.inf, np.float32)], 5, "tensor 0 holds NaN or Inf"),
-    ([np.full((2, 3), 1e3, np.float32)], 5, "update norm 2449 exceeds federation.max_update_norm = 1000"),
+    ([np.full((2, 3), 1e3, np.float32)], 5, "update norm ‖θ_k − θ_global‖ = 2449 exceeds federation.max_update_norm = 1000"),
     ([np.full((2, 3), 0.5, np.float32)], 5, None),
+    ([np.full((2, 3), 0.5, np.float32)], 101, "example count 101 exceeds federation.max_client_examples = 100"),
+    ([np.full((2, 3), 0.5, np.float32)], 10**9, "example count 1000000000 exceeds federation.max_client_examples = 100"),
 ])
 def test_update_problems(arrays, n, reason):
-    assert update_problem(arrays, [np.zeros((2, 3), np.float32)], n, 1000.0) == reason
+    assert update_problem(arrays, [np.zeros((2, 3), np.float32)], n, 1000.0, 100) == reason
+
+
+def test_a_large_but_unchanged_adapter_passes_the_norm_check():
+    large = [np.full((2, 3), 1e3, np.float32)]
+    assert update_problem([large[0] + 0.01], large, 5, 1000.0, 100) is None

@@ -44,6 +44,50 @@ def test_pruning_keeps_head_and_tail_layers_in_order():
 
 
 def test_tiny_model_is_the_same_in_every_process():
-    a = load_base_model("tiny-random", torch.float32, torch.device("cpu"))
-    b = load_base_model("tiny-random", torch.float32, torch.device("cpu"))
+    a = load_base_model("tiny-random", torch.float32)
+    b = load_base_model("tiny-random", torch.float32)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_server_holds_the_llm_weights_once(smoke_cfg):
+    """LLM and pruned SLM built in one process share the frozen base tensors; adapters do not."""
+    from fedcollm import components  # noqa: PLC0415
+
+    llm, slm = components.build_llm(smoke_cfg), components.build_slm(smoke_cfg)
+    llm_layers, slm_layers = llm.get_base_model().model.layers, slm.get_base_model().model.layers
+    assert len(slm_layers) == 2 and len(llm_layers) == 4
+    for slm_idx, llm_idx in ((0, 0), (1, 3)):  # keep first 1 + last 1
+        a = slm_layers[slm_idx].self_attn.q_proj
+        b = llm_layers[llm_idx].self_attn.q_proj
+        assert a.base_layer.weight.data_ptr() == b.base_layer.weight.data_ptr()
+        assert a.lora_A["default"].weight.data_ptr() != b.lora_A["default"].weight.data_ptr()
+    emb = llm.get_base_model().model.embed_tokens.weight
+    assert slm.get_base_model().model.embed_tokens.weight.data_ptr() == emb.data_ptr()
+    # Training one adapter leaves the other model's outputs alone (no shared trainable state).
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = llm(ids).logits.detach().clone()
+    for n, p in slm.named_parameters():
+        if "lora_B" in n:
+            p.data.fill_(0.5)
+    assert torch.equal(llm(ids).logits, before)
+    assert not torch.equal(slm(ids).logits, components.build_slm(smoke_cfg)(ids).logits)
+
+
+def test_client_prunes_before_moving_to_the_device(smoke_cfg, monkeypatch):
+    """A process without the LLM (a client) moves only the kept layers: every tensor that is
+    moved belongs to the pruned model."""
+    from fedcollm import components  # noqa: PLC0415
+
+    moved: list[int] = []
+    real_to = torch.nn.Module.to
+
+    def spy_to(self, *args, **kwargs):
+        if "device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args):  # a move, not a cast
+            moved.append(sum(1 for m in self.modules() if type(m).__name__.endswith("DecoderLayer")))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(components, "_LLM_WEIGHTS", {})
+    monkeypatch.setattr(torch.nn.Module, "to", spy_to)
+    slm = components.slm_base(smoke_cfg)
+    assert len(slm.model.layers) == 2
+    assert moved and max(moved) == 2, moved  # never the 4-layer LLM

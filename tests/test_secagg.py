@@ -16,6 +16,7 @@ from sim import simulate
 from fedcollm import components
 from fedcollm.errors import FedCoLLMError
 from fedcollm.federated.secagg import check_in_range, error_bound
+from fedcollm.federated.transport import decode
 
 
 def fail_partition_3_after_key_sharing(msg, context, call_next):
@@ -73,7 +74,7 @@ def test_secure_aggregate_equals_weighted_fedavg_and_server_is_blind(smoke_cfg_m
     expected = _weighted_mean(updates)
     fit_inputs = seen["fit_inputs"][1]
     assert len(fit_inputs) == 4
-    sizes = [len(p) for p in components.run_data(cfg).clients]
+    sizes = list(components.server_data(cfg).client_sizes)
     bound = error_bound(cfg, sizes, max(sizes))
     for _, _, arrs in fit_inputs:  # every "result" carries the same unmasked aggregate
         worst = max(float(np.max(np.abs(a - e))) for a, e in zip(arrs, expected))
@@ -102,6 +103,29 @@ def test_secure_aggregate_equals_weighted_fedavg_and_server_is_blind(smoke_cfg_m
     assert summary["secure_aggregation"]["max_abs_error_bound"] == pytest.approx(bound)
 
 
+@pytest.mark.parametrize("transport", ["fp16", "int8"])
+def test_secure_aggregation_with_every_transport_equals_the_plain_runs_mean(smoke_cfg_module, tmp_path, transport):
+    """SecAgg+ once averaged garbage with fp16 (it quantizes in the input's dtype) and refused
+    int8: now the clients hand it the transport's values in fp32, and the aggregate equals the
+    plain run's weighted mean of the decoded updates within SecAgg+'s bound."""
+    base = _with(smoke_cfg_module, transport=transport)
+    plain = simulate(_one_round(base, tmp_path / "plain", secure=False))["fit_inputs"][1]
+    decoded = [(n, p, decode(arrs, transport)) for n, p, arrs in plain]
+    expected = _weighted_mean(decoded)
+    cfg = _one_round(base, tmp_path / "secure", secure=True)
+    fit_inputs = simulate(cfg)["fit_inputs"][1]
+    assert len(fit_inputs) == 4
+    sizes = list(components.server_data(cfg).client_sizes)
+    bound = error_bound(cfg, sizes, max(sizes))
+    for _, _, arrs in fit_inputs:
+        worst = max(float(np.max(np.abs(a.astype(np.float64) - e))) for a, e in zip(arrs, expected))
+        assert worst <= bound + 1e-7, (transport, worst, bound)
+    summary = json.loads((tmp_path / "secure" / "summary.json").read_text())
+    assert summary["rounds"] == 1 and not summary["stopped"]
+    row = json.loads((tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()[1])
+    assert row["clients_ok"] == 4 and not row["rejected"]
+
+
 def test_one_dropout_after_key_sharing_gives_survivors_mean(smoke_cfg_module, plain_round, tmp_path):
     cfg = _one_round(smoke_cfg_module, tmp_path / "drop1", secure=True)
     seen = simulate(cfg, extra_mods=(fail_partition_3_after_key_sharing,))
@@ -110,7 +134,7 @@ def test_one_dropout_after_key_sharing_gives_survivors_mean(smoke_cfg_module, pl
     fit_inputs = seen["fit_inputs"][1]
     assert len(fit_inputs) == 3
     sizes = [n for n, _, _ in survivors]
-    bound = error_bound(cfg, sizes, max(len(p) for p in components.run_data(cfg).clients))
+    bound = error_bound(cfg, sizes, max(components.server_data(cfg).client_sizes))
     worst = max(float(np.max(np.abs(a - e))) for a, e in zip(fit_inputs[0][2], expected))
     assert worst <= bound + 1e-7
     row = json.loads((tmp_path / "drop1" / "metrics.jsonl").read_text().splitlines()[1])

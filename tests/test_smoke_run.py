@@ -50,7 +50,8 @@ def test_writes_every_output(smoke_run):
 def test_ratio_is_bytes_over_full_slm_size(smoke_run):
     out, _ = smoke_run
     comm = json.loads((out / "summary.json").read_text())["comm"]
-    assert comm["ratio"] == pytest.approx(comm["bytes_up_per_client_round"] / comm["full_slm_fp32_bytes"])
+    assert comm["up_ratio_to_fp32_slm"] == pytest.approx(comm["bytes_up_per_client_round"] / comm["full_slm_fp32_bytes"])
+    assert comm["down_ratio_to_fp32_slm"] == pytest.approx(comm["bytes_down_per_client_round"] / comm["full_slm_fp32_bytes"])
     # The upload carries the fp32 adapter and a little framing; nothing like the full model.
     assert comm["adapter_params"] * 4 <= comm["bytes_up_per_client_round"] < comm["adapter_params"] * 4 * 1.2
     assert comm["bytes_down_per_client_round"] >= comm["adapter_params"] * 4

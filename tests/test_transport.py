@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from fedcollm.config import load_config
-from fedcollm.errors import FedCoLLMError
 from fedcollm.federated.transport import decode, encode
 from fedcollm.runs.simulation import run_simulation
 
@@ -45,11 +43,6 @@ def test_zero_tensor_survives_int8():
 def test_decode_refuses_what_does_not_fit(wire, mode, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         decode(wire, mode)
-
-
-def test_int8_with_secure_aggregation_is_refused():
-    with pytest.raises(FedCoLLMError, match="cannot be summed under secure aggregation"):
-        load_config(preset="smoke", overrides=["federation.transport=\"int8\"", "federation.secure_aggregation=true"])
 
 
 def test_int8_run_sends_a_fraction_of_fp32_bytes(smoke_cfg, tmp_path):

@@ -17,13 +17,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (run.out_dir)")
 
 
-def _config(args):
-    from fedcollm.config import load_config  # noqa: PLC0415
+def _config(args, *extra: str):
+    from fedcollm.config import check_files, load_config  # noqa: PLC0415
 
-    overrides = list(args.overrides)
+    overrides = [*args.overrides, *extra]
     if args.out:
         overrides.append(f"run.out_dir={json.dumps(args.out)}")
-    return load_config(args.config, overrides, args.preset)
+    cfg = load_config(args.config, overrides, args.preset)
+    check_files(cfg)
+    return cfg
 
 
 def _resume_config(args):
@@ -51,16 +53,18 @@ def cmd_run(args) -> int:
     from fedcollm.runs.simulation import run_simulation  # noqa: PLC0415
 
     summary = run_simulation(cfg)
-    print(json.dumps({k: summary[k] for k in ("rounds", "slm", "llm")} | {"ratio": summary["comm"]["ratio"]}))
+    comm = summary["comm"]
+    print(json.dumps({k: summary[k] for k in ("rounds", "slm", "llm")}
+                     | {k: comm[k] for k in ("up_ratio_to_fp32_slm", "down_ratio_to_fp32_slm")}))
     print(f"[fedcollm] report: {cfg.run.out_dir}/report.md")
     return 0
 
 
 def cmd_deploy_local(args) -> int:
-    cfg = _config(args)
+    cfg = _config(args, *([f"data.num_clients={args.clients}"] if args.clients else []))
     from fedcollm.runs.deploy import deploy_local  # noqa: PLC0415
 
-    summary = deploy_local(cfg, args.clients, timeout=args.timeout)
+    summary = deploy_local(cfg, timeout=args.timeout)
     print(json.dumps({k: summary[k] for k in ("rounds", "slm", "llm", "deployment")}))
     print(f"[fedcollm] report: {cfg.run.out_dir}/report.md")
     return 0
@@ -83,10 +87,26 @@ def cmd_experiment(args) -> int:
 
     for d in datasets:  # each dataset's config is validated before anything runs
         load_config(args.config, [*args.overrides, f"data.dataset={json.dumps(d)}"], args.preset)
-    methods = args.methods.split(",") if args.methods else list(METHODS)
     out = Path(args.out or "runs/experiment")
-    doc = run_experiment(base, datasets, seeds, methods, out, shlex.join(["fedcollm", *sys.argv[1:]]),
-                         compute=not args.report_only)
+    command = shlex.join(["fedcollm", *sys.argv[1:]])
+    if args.aux_fractions:
+        from fedcollm.experiment.runner import run_aux_sizes  # noqa: PLC0415
+
+        try:
+            fractions = [float(f) for f in args.aux_fractions.split(",")]
+        except ValueError:
+            raise FedCoLLMError(f"--aux-fractions {args.aux_fractions!r}: expected numbers, e.g. 0.05,0.1,0.2,0.4") from None
+        for f in fractions:  # each one validated (0 < f < 1) before anything runs
+            load_config(args.config, [*args.overrides, f"data.aux_fraction={f}"], args.preset)
+        if len(datasets) != 1:
+            raise FedCoLLMError("--aux-fractions: name one dataset (--datasets)")
+        run_aux_sizes(base, datasets[0], fractions, seeds, args.methods.split(",") if args.methods else ["fedcollm"],
+                      out, command, compute=not args.report_only, allow_mixed=args.allow_mixed_versions)
+        print(f"[fedcollm] {out}/aux_size.md, {out}/aux_size.png, {out}/aux_size.json")
+        return 0
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    doc = run_experiment(base, datasets, seeds, methods, out, command,
+                         compute=not args.report_only, allow_mixed=args.allow_mixed_versions)
     print(f"[fedcollm] {len(doc['results'])} dataset(s): {out}/table1.md, {out}/table2.md, {out}/results.json")
     return 0
 
@@ -100,10 +120,11 @@ def cmd_eval(args) -> int:
         load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
 
     device = resolve_device(args.device)
-    model = load_base_model(args.model, resolve_dtype("auto", device), device)
+    model = load_base_model(args.model, resolve_dtype("auto", device))
     if args.prune:
         first, last = (int(x) for x in args.prune.split(","))
         model = prune_layers(model, first, last)
+    model = model.to(device)  # after pruning: the dropped layers never reach the device
     if args.adapter:
         from peft import PeftModel  # noqa: PLC0415
 
@@ -119,7 +140,7 @@ def cmd_eval(args) -> int:
         res = evaluate(model, tok, records, max_length=args.max_length, batch_size=args.batch_size,
                        device=device, progress=True)
     print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.file or args.data,
-                      "split": args.split, **res}))
+                      "split": args.split, **{k: res[k] for k in ("acc", "acc_norm", "n")}}))
     return 0
 
 
@@ -134,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p_dep = sub.add_parser("deploy-local", help="run on a local SuperLink + N SuperNodes (TLS, node auth)")
     _add_config_args(p_dep)
-    p_dep.add_argument("--clients", type=int, help="number of SuperNodes (= data.num_clients)")
+    p_dep.add_argument("--clients", type=int, help="number of clients, one SuperNode each (sets data.num_clients)")
     p_dep.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the run")
     p_dep.set_defaults(func=cmd_deploy_local)
 
@@ -145,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     p_exp.add_argument("--report-only", action="store_true",
                        help="write the tables from the cached results only; compute nothing")
+    p_exp.add_argument("--aux-fractions", metavar="F,F,...",
+                       help="the auxiliary part's share of the training split, e.g. 0.05,0.1,0.2,0.4: "
+                            "writes aux_size.md/.png (default method: fedcollm)")
+    p_exp.add_argument("--allow-mixed-versions", action="store_true",
+                       help="use cached results of other code versions as they are (the table says so)")
     p_exp.set_defaults(func=cmd_experiment)
 
     p_eval = sub.add_parser("eval", help="score one model (+ adapter) on a multiple-choice split")
@@ -157,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--split", default="test")
     p_eval.add_argument("--limit", type=int, default=0)
     p_eval.add_argument("--max-length", type=int, default=256)
-    p_eval.add_argument("--batch-size", type=int, default=16)
+    p_eval.add_argument("--batch-size", type=int, default=0, help="choices per forward pass (0: 16 on CPU, 256 on GPU)")
     p_eval.add_argument("--device", default="auto")
     p_eval.set_defaults(func=cmd_eval)
 

@@ -3,11 +3,24 @@
 The federated apps, the baselines and the tests all build their pieces here, so the same config
 gives the same split, the same token ids and the same initial adapters everywhere. Ray actors and
 the server keep these between rounds (no reload, no re-tokenization per round).
+
+Who holds which data:
+- the server (`server_data`): the auxiliary part and the evaluation split. With data.aux_file
+  it never opens the training split; without, it reads the training file only to compute the
+  shared split (as every client does) and tokenizes only the auxiliary part.
+- a client (`client_examples`): its own part of the split, or its own file.
+
+Models: a process holds each base model's frozen weights once. The LLM's base is loaded once and
+every LLM or pruned-SLM module tree built in the same process shares its tensors (LoRA adapters
+are per tree). A process without the LLM (a client) loads the LLM on the CPU, prunes it, and moves
+only the kept layers to the device.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -15,10 +28,11 @@ import torch
 
 from fedcollm.config import Config
 from fedcollm.data.encode import Encoded, encode_for_training
-from fedcollm.data.loaders import load_train_and_eval
+from fedcollm.data.loaders import load_eval, load_train, read_jsonl
 from fedcollm.data.partition import Split, split_indices
 from fedcollm.data.records import MCQRecord
 from fedcollm.errors import FedCoLLMError
+from fedcollm.eval.mcq import Request, encode_requests
 from fedcollm.models.loading import (
     load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
 from fedcollm.models.lora import attach_lora
@@ -27,12 +41,13 @@ EVAL_SUBSET_SEED = 1234  # the same evaluation items for every run seed, so seed
 
 
 @dataclass(frozen=True)
-class RunData:
-    train: list[MCQRecord]
-    evals: list[MCQRecord]
-    split: Split
+class ServerData:
     aux: list[Encoded]
-    clients: list[list[Encoded]]
+    evals: list[MCQRecord]
+    eval_requests: list[Request]
+    # Example count of each client part where the server can compute the split; None when it has
+    # only data.aux_file (then federation.max_client_examples bounds the weights).
+    client_sizes: tuple[int, ...] | None
 
 
 def device_of(cfg: Config) -> torch.device:
@@ -48,19 +63,58 @@ def tokenizer(cfg: Config):
     return load_tokenizer(cfg.model.llm, cfg.model.cache_dir)
 
 
+def _held_out(records: list[MCQRecord], n: int) -> tuple[list[MCQRecord], list[MCQRecord]]:
+    """(the rest, n records held out): the same n for every run seed."""
+    if n >= len(records):
+        raise FedCoLLMError(f"config: data.holdout_examples = {n} leaves no training data ({len(records)} records)")
+    held = set(random.Random(EVAL_SUBSET_SEED).sample(range(len(records)), n))
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
 @functools.lru_cache(maxsize=4)
-def run_data(cfg: Config) -> RunData:
-    train, evals = load_train_and_eval(cfg.data)
+def train_split(cfg: Config) -> tuple[list[MCQRecord], Split]:
+    """The training records (less any held-out evaluation items) and their split into auxiliary
+    and client parts."""
+    d = cfg.data
+    train = load_train(d)
+    if d.eval_split == "train_holdout":
+        train, _ = _held_out(train, d.holdout_examples)
+    split = split_indices(train, d.num_clients, d.partition, d.dirichlet_alpha, cfg.run.seed,
+                          d.max_train_examples, d.aux_fraction, with_aux=not d.aux_file, topics=d.topics)
+    return train, split
+
+
+def _encode(cfg: Config, records: list[MCQRecord]) -> list[Encoded]:
+    return encode_for_training(tokenizer(cfg), records, cfg.data.max_length)
+
+
+@functools.lru_cache(maxsize=4)
+def server_data(cfg: Config) -> ServerData:
+    if cfg.data.eval_split == "train_holdout":  # the server scores items held out of the training split
+        _, evals = _held_out(load_train(cfg.data), cfg.data.holdout_examples)
+    else:
+        evals = load_eval(cfg.data)
     if cfg.data.eval_examples and cfg.data.eval_examples < len(evals):
         evals = random.Random(EVAL_SUBSET_SEED).sample(evals, cfg.data.eval_examples)
-    split = split_indices(train, cfg.data.num_clients, cfg.data.partition, cfg.data.dirichlet_alpha,
-                          cfg.run.seed, cfg.data.max_train_examples)
-    tok = tokenizer(cfg)
+    requests = encode_requests(tokenizer(cfg), evals, cfg.data.max_length)
+    if cfg.data.aux_file:
+        return ServerData(_encode(cfg, read_jsonl(cfg.data.aux_file)), evals, requests, None)
+    train, split = train_split(cfg)
+    return ServerData(_encode(cfg, [train[i] for i in split.aux]), evals, requests,
+                      tuple(len(part) for part in split.clients))
 
-    def enc(idx):
-        return encode_for_training(tok, [train[i] for i in idx], cfg.data.max_length)
 
-    return RunData(train, evals, split, enc(split.aux), [enc(part) for part in split.clients])
+@functools.lru_cache(maxsize=8)
+def client_examples(cfg: Config, partition_id: int) -> list[Encoded]:
+    """One client's part of the split, tokenized (only that part)."""
+    train, split = train_split(cfg)
+    return _encode(cfg, [train[i] for i in split.clients[partition_id]])
+
+
+@functools.lru_cache(maxsize=2)
+def own_examples(cfg: Config, path: str) -> list[Encoded]:
+    """All of a SuperNode's own data file, for a client that holds its data itself."""
+    return _encode(cfg, read_jsonl(path))
 
 
 def _check_same_tokenizer(cfg: Config) -> None:
@@ -73,26 +127,51 @@ def _check_same_tokenizer(cfg: Config) -> None:
             f"SLM {cfg.model.slm!r} ({len(b)} tokens) differ; token alignment is not supported yet")
 
 
+# --- models -------------------------------------------------------------------------------------
+
+_LLM_WEIGHTS: dict[tuple, torch.nn.Module] = {}  # this process's LLM base, never wrapped itself
+
+
+def _llm_key(cfg: Config) -> tuple:
+    return (cfg.model.llm, str(dtype_of(cfg)), str(device_of(cfg)), cfg.model.cache_dir)
+
+
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A new module tree whose parameters and buffers are `model`'s own tensors (no copy)."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def llm_base(cfg: Config) -> torch.nn.Module:
+    """The LLM without adapter: a fresh module tree over the process's one copy of its weights."""
+    key = _llm_key(cfg)
+    if key not in _LLM_WEIGHTS:
+        _LLM_WEIGHTS[key] = load_base_model(cfg.model.llm, dtype_of(cfg), cfg.model.cache_dir).to(device_of(cfg))
+    return shared_copy(_LLM_WEIGHTS[key])
+
+
+def slm_base(cfg: Config) -> torch.nn.Module:
+    """The SLM without adapter: a depth-pruned copy of the LLM, or its own source."""
+    _check_same_tokenizer(cfg)
+    m = cfg.model
+    if m.slm:
+        return load_base_model(m.slm, dtype_of(cfg), m.cache_dir).to(device_of(cfg))
+    held = _LLM_WEIGHTS.get(_llm_key(cfg))
+    if held is not None:  # the LLM is here already: the SLM's layers are its layers
+        return prune_layers(shared_copy(held), m.slm_keep_first, m.slm_keep_last)
+    # Prune on the CPU, then move: the dropped layers never reach the device.
+    return prune_layers(load_base_model(m.llm, dtype_of(cfg), m.cache_dir),
+                        m.slm_keep_first, m.slm_keep_last).to(device_of(cfg))
+
+
 def _with_adapter(base, cfg: Config):
     torch.manual_seed(cfg.run.seed)  # the same initial adapter in every process
     lo = cfg.lora
     return attach_lora(base, lo.r, lo.alpha, lo.dropout, lo.target_modules)
 
 
-def slm_base(cfg: Config):
-    """The SLM without adapter: a depth-pruned copy of the LLM, or its own source."""
-    _check_same_tokenizer(cfg)
-    if cfg.model.slm:
-        return load_base_model(cfg.model.slm, dtype_of(cfg), device_of(cfg), cfg.model.cache_dir)
-    return prune_layers(llm_base(cfg), cfg.model.slm_keep_first, cfg.model.slm_keep_last)
-
-
 def build_slm(cfg: Config):
     return _with_adapter(slm_base(cfg), cfg)
-
-
-def llm_base(cfg: Config):
-    return load_base_model(cfg.model.llm, dtype_of(cfg), device_of(cfg), cfg.model.cache_dir)
 
 
 def build_llm(cfg: Config):

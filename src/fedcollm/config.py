@@ -10,6 +10,10 @@ Defaults where the paper is silent (each is a field below, overridable):
 - lr 3e-4 for both client SFT and server KD: measured in ../shared/MODELS.md to move SmolLM2 and
   its pruned copy well within one epoch of a few hundred examples with LoRA r=8.
 - top_k 0 (full vocabulary): exact KL; top-k is a memory saver for large vocabularies.
+- model.dtype auto: bf16 on a GPU (half the memory and traffic of fp32, no loss scaling as
+  fp16 would need), fp32 on a CPU (bf16 matmuls are slow on most CPUs).
+- federation.client_gpus auto: the GPU is shared by as many simulated clients as can train at
+  once (see runs/simulation.py), so a GPU host trains its clients on the GPU by default.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +46,7 @@ class ModelConfig:
     # the copy useful, keeping every n-th layer does not (see ../shared/MODELS.md).
     slm_keep_first: int = 10
     slm_keep_last: int = 10
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU)
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cache_dir: str = ""  # "" = $FEDCOLLM_CACHE or ~/.cache/fedcollm (GGUF de-quantized copies)
 
@@ -61,12 +66,27 @@ class DataConfig:
     path: str = ""  # data root searched first; then $FEDCOLLM_DATA, ../shared/data, the hub
     train_file: str = ""  # explicit files override the dataset's own (required for mcq_jsonl)
     eval_file: str = ""
-    eval_split: str = "test"  # test | validation (choose hyperparameters on validation)
+    # The server's auxiliary data as a file of its own: then the server never opens the training
+    # split (in a deployment the clients hold it, each its own `train-file`), and the training
+    # split, where there is one, is cut into num_clients parts only.
+    aux_file: str = ""
+    # test | validation (choose hyperparameters on validation) | train_holdout: score on
+    # holdout_examples items held out of the training split (and removed from it), for a
+    # dataset whose validation split is its test split (CommonsenseQA, as lm-eval scores it).
+    eval_split: str = "test"
+    holdout_examples: int = 500
     num_clients: int = 4
-    # The training split is cut into num_clients + 1 equal parts: one auxiliary (server) part
-    # and one per client, as in the paper.
-    partition: str = "iid"  # iid | dirichlet (non-IID over the answer label)
+    # The training split is cut into one auxiliary (server) part and num_clients client parts;
+    # aux_fraction 0 = num_clients + 1 equal parts, as in the paper; else the auxiliary part's
+    # share of the training split (the paper's open question on its size).
+    aux_fraction: float = 0.0
+    # How the client parts differ: iid; dirichlet = Dirichlet(α) over the answer *position*
+    # (A/B/C/D: barely changes what a client learns, since answer texts are scored); topic =
+    # Dirichlet(α) over clusters of the questions' words (k-means on hashed word counts, `topics`
+    # clusters): clients see different subjects, the content skew of real federations.
+    partition: str = "iid"  # iid | dirichlet | topic
     dirichlet_alpha: float = 0.5
+    topics: int = 8
     max_train_examples: int = 0  # 0 = the whole training split
     eval_examples: int = 0  # 0 = the whole evaluation split
     max_length: int = 256  # tokens per prompt+answer; prompts are cut from the left
@@ -100,15 +120,24 @@ class FederationConfig:
     rounds: int = 3
     fraction_fit: float = 1.0
     secure_aggregation: bool = False
-    client_cpus: int = 1  # CPU cores per simulated client (Ray actor); sets torch threads
-    client_gpus: float = 0.0
+    client_cpus: int = 1  # CPU cores per simulated client (Ray actor); sets its torch threads
+    # GPU share per simulated client: auto = the GPUs split among the clients that can train at
+    # once (runs/simulation.py); a number is passed to Ray as is. Deployed SuperNodes use their
+    # host's GPU when model.device resolves to CUDA, whatever this says.
+    client_gpus: float | str = "auto"
     round_timeout: float = 3600.0  # seconds the server waits for client replies per stage
     # A round goes on while at least min_clients returned a valid update; below that it fails,
     # the previous global adapter is kept and the run stops cleanly.
     min_clients: int = 1
-    # Updates are rejected (not averaged) if their L2 norm exceeds this: a LoRA r=8 adapter on
-    # SmolLM2 has norm ~20, so 1e3 only stops broken or hostile updates.
-    max_update_norm: float = 1000.0
+    # An update θ_k − θ_global whose L2 norm exceeds this is rejected (not averaged). One
+    # round of local SFT moves a LoRA r=8 adapter on SmolLM2 by ~1-5, so 100 only stops broken
+    # or hostile updates.
+    max_update_norm: float = 100.0
+    # The largest example count a client may claim as its FedAvg weight (also SecAgg+'s
+    # max_weight). A client claiming more is rejected, never silently clipped. 0 = the largest
+    # client part of the split (simulation, or a deployment whose server can compute the split);
+    # a server with only data.aux_file must be told.
+    max_client_examples: int = 0
     # SecAgg+ (Flower's): every client value must lie in ±clipping_range (a client refuses,
     # rather than let Flower clip silently); quantization_range levels over that range. LoRA
     # values stay well under 1 (A starts at ±1/sqrt(fan_in), B at 0), so ±1 with 2^22 levels
@@ -116,7 +145,9 @@ class FederationConfig:
     # reconstruction_threshold fraction of them (0.75: 3 of 4) can unmask the sum, so one
     # dropout in four is survived.
     # Adapter encoding on the wire: fp32 | fp16 (half the bytes) | int8 (+1 scale per tensor,
-    # a quarter). See federated/transport.py.
+    # a quarter). See federated/transport.py. Under SecAgg+ the uplink carries SecAgg+'s own
+    # integers: a client rounds its update to the transport's precision, then hands it to
+    # SecAgg+ in fp32 (so the aggregate equals the plain run's, within SecAgg+'s bound).
     transport: str = "fp32"
     secagg_clipping_range: float = 1.0
     secagg_quantization_range: int = 4194304
@@ -128,7 +159,7 @@ class FederationConfig:
 class RunConfig:
     seed: int = 0
     out_dir: str = "runs/latest"
-    eval_batch_size: int = 16
+    eval_batch_size: int = 0  # choices per forward pass; 0 = 16 on a CPU, 256 on a GPU
     # Score the global models after every eval_every-th round (round 0 = zero-shot included) and
     # always after the last; 0 = after the last round only (experiments: they score the
     # zero-shot models once, apart).
@@ -183,24 +214,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "data.dataset": ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "mcq_jsonl"),
-    "data.eval_split": ("test", "validation"),
-    "data.partition": ("iid", "dirichlet"),
+    "data.eval_split": ("test", "validation", "train_holdout"),
+    "data.partition": ("iid", "dirichlet", "topic"),
     "federation.transport": ("fp32", "fp16", "int8"),
 }
 POSITIVE = {
     "lora.r", "lora.alpha", "data.num_clients", "data.max_length", "client.local_epochs",
     "client.lr", "client.batch_size", "distill.lr", "distill.batch_size", "distill.temperature",
     "federation.rounds", "federation.fraction_fit", "federation.client_cpus",
-    "federation.round_timeout", "run.eval_batch_size", "data.dirichlet_alpha",
+    "federation.round_timeout", "data.dirichlet_alpha", "data.topics", "data.holdout_examples",
     "federation.secagg_clipping_range", "federation.secagg_quantization_range",
     "federation.secagg_num_shares", "federation.secagg_reconstruction_threshold",
     "federation.min_clients", "federation.max_update_norm",
 }
 NON_NEGATIVE = {
     "lora.dropout", "data.max_train_examples", "data.eval_examples", "distill.epochs",
-    "distill.kd_lambda", "distill.top_k", "distill.ce_weight", "federation.client_gpus",
+    "distill.kd_lambda", "distill.top_k", "distill.ce_weight", "run.eval_batch_size",
     "model.slm_keep_first", "model.slm_keep_last", "client.weight_decay", "run.seed",
-    "run.eval_every",
+    "run.eval_every", "federation.max_client_examples",
 }
 
 
@@ -225,6 +256,10 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def _coerce(where: str, value: Any, typ: Any) -> Any:
     """Check `value` against the annotation `typ`; ints are accepted for floats."""
     origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):  # float | str: a number or a keyword
+        if isinstance(value, str) and str in typing.get_args(typ):
+            return value
+        return _coerce(where, value, float)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise FedCoLLMError(f"config: {where} must be a list of strings, got {value!r}")
@@ -295,20 +330,31 @@ def _validate(cfg: Config) -> None:
         raise FedCoLLMError("config: lora.target_modules must name at least one module")
     if cfg.model.slm == "" and cfg.model.slm_keep_first + cfg.model.slm_keep_last == 0:
         raise FedCoLLMError("config: model.slm_keep_first + model.slm_keep_last must be > 0")
-    if cfg.data.dataset == "mcq_jsonl" and not (cfg.data.train_file and cfg.data.eval_file):
-        raise FedCoLLMError("config: data.dataset = 'mcq_jsonl' needs data.train_file and data.eval_file")
-    for key in ("train_file", "eval_file"):
-        p = getattr(cfg.data, key)
-        if p and not Path(p).is_file():
-            raise FedCoLLMError(f"config: data.{key} = {p!r}: no such file")
-    if cfg.federation.secure_aggregation and cfg.federation.transport == "int8":
-        raise FedCoLLMError("config: federation.transport = 'int8' cannot be summed under secure aggregation "
-                            "(per-client scales); use fp32 or fp16")
+    if cfg.data.dataset == "mcq_jsonl" and not ((cfg.data.train_file or cfg.data.aux_file) and cfg.data.eval_file):
+        raise FedCoLLMError("config: data.dataset = 'mcq_jsonl' needs data.eval_file and data.train_file "
+                            "(or, for a server whose clients hold their own files, data.aux_file)")
+    if not 0 <= cfg.data.aux_fraction < 1:
+        raise FedCoLLMError(f"config: data.aux_fraction must be in [0, 1), got {cfg.data.aux_fraction}")
+    if cfg.data.aux_file and cfg.data.aux_fraction:
+        raise FedCoLLMError("config: data.aux_fraction cuts the auxiliary part from the training split; "
+                            "with data.aux_file there is none to cut: set one of them")
+    gpus = cfg.federation.client_gpus
+    if (isinstance(gpus, str) and gpus != "auto") or (isinstance(gpus, float) and gpus < 0):
+        raise FedCoLLMError(f"config: federation.client_gpus must be 'auto' or a number >= 0, got {gpus!r}")
     if cfg.federation.min_clients > cfg.data.num_clients:
         raise FedCoLLMError(f"config: federation.min_clients = {cfg.federation.min_clients} exceeds "
                             f"data.num_clients = {cfg.data.num_clients}")
     if cfg.preset not in PRESETS:
         raise FedCoLLMError(f"config: preset = {cfg.preset!r} is not one of {', '.join(PRESETS)}")
+
+
+def check_files(cfg: Config) -> None:
+    """The files the config names exist here: run by the launchers and the ServerApp, never in
+    load_config itself, since a SuperNode loads the same config without the server's files."""
+    for key in ("train_file", "eval_file", "aux_file"):
+        p = getattr(cfg.data, key)
+        if p and not Path(p).is_file():
+            raise FedCoLLMError(f"config: data.{key} = {p!r}: no such file")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -75,7 +75,8 @@ def build_summary(rows: list[dict], comm: dict, extra: dict) -> dict:
     down = max((r["bytes_down_per_client"] for r in fit_rows), default=0.0)
     comm = dict(comm)
     comm.update({"bytes_up_per_client_round": up, "bytes_down_per_client_round": down,
-                 "ratio": up / comm["full_slm_fp32_bytes"]})
+                 "up_ratio_to_fp32_slm": up / comm["full_slm_fp32_bytes"],
+                 "down_ratio_to_fp32_slm": down / comm["full_slm_fp32_bytes"]})
     return {"rounds": rows[-1]["round"], "slm": _accuracies(last["slm"]), "llm": _accuracies(last["llm"]),
             "comm": comm,
             "eval_examples": last["slm"]["n"], **extra}
@@ -103,14 +104,21 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
         f"- adapter parameters: {c['adapter_params']:,} (SLM without adapter: {c['full_slm_params']:,})",
         f"- bytes up per client per round: {c['bytes_up_per_client_round']:,.0f}; down: {c['bytes_down_per_client_round']:,.0f}"
         " (payload of the Flower messages)",
-        f"- full SLM in fp32: {c['full_slm_fp32_bytes']:,} bytes; ratio up/full = {100 * c['ratio']:.3f}%",
+        f"- full SLM in fp32: {c['full_slm_fp32_bytes']:,} bytes; per client and round, up "
+        f"{100 * c['up_ratio_to_fp32_slm']:.3f}% and down {100 * c['down_ratio_to_fp32_slm']:.3f}% of it",
         f"- secure aggregation: {_secure_line(summary['secure_aggregation'])}",
         "", f"Models: LLM `{summary['llm_model'] or 'none (no KD on the server)'}`, SLM `{summary['slm_model']}`; "
         f"{summary['num_clients']} clients; wall time {summary['wall_s']:.0f} s.",
+        f"Devices: server {summary.get('server_device', '?')}; clients "
+        f"{', '.join(_client_devices(rows)) or '?'} (as each client reported it).",
     ]
     if summary.get("stopped"):
         lines += ["", f"**Stopped early:** {summary['stopped']} (adapters are from the last good round)."]
     return "\n".join(lines) + "\n"
+
+
+def _client_devices(rows: list[dict]) -> list[str]:
+    return sorted({d for r in rows for d in r.get("client_devices", [])})
 
 
 def _secure_line(secure) -> str:
@@ -119,7 +127,8 @@ def _secure_line(secure) -> str:
     return (f"on, {secure['protocol']}: clipping ±{secure['clipping_range']}, "
             f"{secure['quantization_range']} levels, shares {secure['num_shares']}, threshold "
             f"{secure['reconstruction_threshold']}, max_weight {secure['max_weight']}; "
-            f"max abs error vs FedAvg ≤ {secure['max_abs_error_bound']:.2e}")
+            + (f"max abs error vs FedAvg ≤ {secure['max_abs_error_bound']:.2e}" if secure['max_abs_error_bound']
+               else "error bound unknown (the server does not know the clients' example counts)"))
 
 
 def plot_rounds(rows: list[dict], path: Path, title: str) -> None:

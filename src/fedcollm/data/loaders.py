@@ -26,6 +26,7 @@ class DatasetSpec:
     files: dict[str, str]  # split -> path relative to the data root
     hub: tuple[str, str | None]  # (dataset id, config name)
     style: str
+    hub_splits: tuple[tuple[str, str], ...] = (("train", "train"), ("validation", "validation"), ("test", "test"))
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -43,9 +44,8 @@ DATASETS: dict[str, DatasetSpec] = {
         {"train": "commonsenseqa/train_rand_split.jsonl",
          "validation": "commonsenseqa/dev_rand_split.jsonl",
          "test": "commonsenseqa/dev_rand_split.jsonl"}, ("tau/commonsense_qa", None),
-        "commonsense_qa"),
+        "commonsense_qa", (("train", "train"), ("validation", "validation"), ("test", "validation"))),
 }
-HUB_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 
 
 def _parse_line(obj: dict, style: str, where: str) -> MCQRecord:
@@ -120,7 +120,7 @@ def _from_hub(spec: DatasetSpec, split: str) -> list[MCQRecord]:
     import datasets  # noqa: PLC0415 - only users with a hub get here
 
     name, conf = spec.hub
-    ds = datasets.load_dataset(name, conf, split=HUB_SPLITS[split])
+    ds = datasets.load_dataset(name, conf, split=dict(spec.hub_splits)[split])
     out = []
     for i, row in enumerate(ds):
         stem = row.get("question_stem") or row["question"]
@@ -150,15 +150,22 @@ def load_split(dataset: str, split: str, user_path: str = "") -> list[MCQRecord]
     raise FedCoLLMError(f"dataset {dataset!r} split {split!r} not found; tried: {'; '.join(tried)}")
 
 
-def load_train_and_eval(cfg_data) -> tuple[list[MCQRecord], list[MCQRecord]]:
-    """The training split and the evaluation split the config names (files override)."""
-    style = DATASETS[cfg_data.dataset].style if cfg_data.dataset in DATASETS else "arc"
+def _style(cfg_data) -> str:
+    return DATASETS[cfg_data.dataset].style if cfg_data.dataset in DATASETS else "arc"
+
+
+def load_train(cfg_data) -> list[MCQRecord]:
+    """The training split the config names (data.train_file overrides the dataset's own)."""
     if cfg_data.train_file:
-        train = read_jsonl(cfg_data.train_file, style)
-    else:
-        train = load_split(cfg_data.dataset, "train", cfg_data.path)
+        return read_jsonl(cfg_data.train_file, _style(cfg_data))
+    if cfg_data.dataset not in DATASETS:
+        raise FedCoLLMError("data: this process needs the training split, but data.train_file is not set "
+                            "(a client that holds its own data needs node-config train-file)")
+    return load_split(cfg_data.dataset, "train", cfg_data.path)
+
+
+def load_eval(cfg_data) -> list[MCQRecord]:
+    """The evaluation split the config names (data.eval_file overrides the dataset's own)."""
     if cfg_data.eval_file:
-        evals = read_jsonl(cfg_data.eval_file, style)
-    else:
-        evals = load_split(cfg_data.dataset, cfg_data.eval_split, cfg_data.path)
-    return train, evals
+        return read_jsonl(cfg_data.eval_file, _style(cfg_data))
+    return load_split(cfg_data.dataset, cfg_data.eval_split, cfg_data.path)

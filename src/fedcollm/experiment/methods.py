@@ -41,10 +41,11 @@ Result = dict  # {"slm": {"acc", "acc_norm"} | None, "llm": ... | None, extra ke
 
 
 def _scores(model, cfg: Config, desc: str) -> dict:
-    res = evaluate(model, components.tokenizer(cfg), components.run_data(cfg).evals,
-                   max_length=cfg.data.max_length, batch_size=cfg.run.eval_batch_size,
-                   device=components.device_of(cfg), progress=cfg.run.progress, desc=desc)
-    return {"acc": res["acc"], "acc_norm": res["acc_norm"], "n": res["n"]}
+    """acc, acc_norm, n and which evaluation items were right (`correct`, `correct_norm`)."""
+    data = components.server_data(cfg)
+    return evaluate(model, components.tokenizer(cfg), data.evals, max_length=cfg.data.max_length,
+                    batch_size=cfg.run.eval_batch_size, device=components.device_of(cfg),
+                    progress=cfg.run.progress, desc=desc, requests=data.eval_requests)
 
 
 def adapter_digest(model) -> str:
@@ -75,19 +76,25 @@ def zero_shot(cfg: Config, workdir: Path) -> Result:
 def standalone(cfg: Config, workdir: Path) -> Result:
     """Each client alone; the SLM result is the mean over clients, each client listed."""
     clients = []
-    for k, examples in enumerate(components.run_data(cfg).clients):
+    for k in range(cfg.data.num_clients):
+        examples = components.client_examples(cfg, k)
         model = components.build_slm(cfg)  # the same initial adapter FedCoLLM starts from
         stats = _sft(model, examples, cfg, seed=cfg.run.seed * 1_000_003 + k, desc=f"standalone client {k}")
         clients.append({"client": k, "examples": len(examples), "steps": stats["steps"],
                         "adapter_sha256": adapter_digest(model), **_scores(model, cfg, f"eval client {k}")})
     mean = {m: sum(c[m] for c in clients) / len(clients) for m in ("acc", "acc_norm")}
+    # Per item: the share of clients that got it right (a mean, like the accuracies above).
+    for key in ("correct", "correct_norm"):
+        mean[key] = [sum(c[key][i] for c in clients) / len(clients) for i in range(len(clients[0][key]))]
+        for c in clients:
+            del c[key]
     return {"slm": mean, "llm": None, "clients": clients}
 
 
 def centralized_examples(cfg: Config) -> list:
     """The auxiliary part and every client part, pooled: all the training data of the split."""
-    data = components.run_data(cfg)
-    return [*data.aux, *(e for part in data.clients for e in part)]
+    return [*components.server_data(cfg).aux,
+            *(e for k in range(cfg.data.num_clients) for e in components.client_examples(cfg, k))]
 
 
 def centralized(cfg: Config, workdir: Path) -> Result:
@@ -117,8 +124,10 @@ def _federated(**distill) -> Callable[[Config, Path], Result]:
         if code != 0:
             raise FedCoLLMError(f"experiment: `{shlex.join(cmd)}` failed with exit code {code} (its log is above)")
         summary = json.loads((workdir / "summary.json").read_text())
-        return {"slm": summary["slm"], "llm": summary["llm"], "comm": summary["comm"],
-                "wall_s": summary["wall_s"], "run_dir": str(workdir)}
+        items = summary.get("items", {})
+        return {**{m: summary[m] and {**summary[m], **items.get(m, {})} for m in ("slm", "llm")},
+                "comm": summary["comm"], "wall_s": summary["wall_s"], "run_dir": str(workdir),
+                "code_version": summary.get("code_version"), "aux_examples": summary.get("aux_examples")}
 
     return run
 

@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 
 from fedcollm.experiment.methods import LABELS, SEED_INDEPENDENT
+from fedcollm.experiment.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap
 
 PAPER = {"llm_vs_centralized": "97–99%", "traffic_ratio": "0.24%"}
 
@@ -58,24 +59,83 @@ def _paired(results: dict, dataset: str, a: str, b: str, model: str) -> list[tup
             if s in rb and ra[s].get(model) and rb[s].get(model)]
 
 
+def _items(results: dict, dataset: str, a: str, b: str, model: str) -> tuple[list[str], list, list]:
+    """Seeds where both methods kept per-item scores, and those scores (seeds × items)."""
+    ra, rb = results[dataset].get(a, {}), results[dataset].get(b, {})
+    seeds = [s for s in sorted(ra) if s in rb and (ra[s].get(model) or {}).get("correct")
+             and (rb[s].get(model) or {}).get("correct")]
+    return seeds, [ra[s][model]["correct"] for s in seeds], [rb[s][model]["correct"] for s in seeds]
+
+
+def _ci(iv: Interval, statistic: str) -> str:
+    """+3.8 [+1.2, +6.3] (accuracy points) or 89.2% [85.0, 93.1]."""
+    if statistic == "diff":
+        return f"{100 * iv.value:+.1f} [{100 * iv.low:+.1f}, {100 * iv.high:+.1f}]"
+    return f"{100 * iv.value:.1f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"
+
+
+def _claim_row(results: dict, d: str, a: str, b: str, model: str, what: str, statistic: str,
+               verdict) -> str | None:
+    pairs = _paired(results, d, a, b, model)
+    if not pairs:
+        return None
+    seeds, xa, xb = _items(results, d, a, b, model)
+    if not seeds:
+        return f"| {d} | {what} | – | – | no per-item scores kept (results older than the paired test) |"
+    per_seed = "; ".join(f"s{s}: {_ci(paired_bootstrap([x], [y], statistic), statistic)}"
+                         for s, x, y in zip(seeds, xa, xb))
+    pooled = paired_bootstrap(xa, xb, statistic)
+    return f"| {d} | {what} | {per_seed} | {_ci(pooled, statistic)} ({len(seeds)} seeds) | {verdict(pooled)} |"
+
+
+def _diff_verdict(iv: Interval) -> str:
+    if not iv.significant:
+        return "not significant (the interval covers 0)"
+    return "holds: significantly better" if iv.value > 0 else "does not hold: significantly worse"
+
+
+def _ratio_verdict(target: float):
+    def verdict(iv: Interval) -> str:
+        if iv.low >= target:
+            return f"holds: ≥ {100 * target:.0f}% at 95%"
+        if iv.high < target:
+            return f"does not hold: < {100 * target:.0f}% at 95%"
+        return f"undecided: the interval covers {100 * target:.0f}%"
+    return verdict
+
+
 def claims(results: dict, datasets: list[str]) -> list[str]:
-    lines = []
+    """The paper's claims with a paired bootstrap over the test items (95% intervals), per seed
+    and pooled, plus how many seeds each holds on."""
+    lines = ["| dataset | claim | per seed (95% CI) | pooled (95% CI) | verdict |", "|---|---|---|---|---|"]
     for d in datasets:
+        for other in ("standalone", "fedavg"):
+            row = _claim_row(results, d, "fedcollm", other, "slm", f"SLM: FedCoLLM − {LABELS[other]}", "diff",
+                             _diff_verdict)
+            if row:
+                lines.append(row)
+        row = _claim_row(results, d, "fedcollm", "centralized", "llm", "LLM: FedCoLLM − centralized", "diff",
+                         _diff_verdict)
+        if row:
+            lines.append(row)
+        row = _claim_row(results, d, "fedcollm", "centralized", "llm",
+                         f"LLM: FedCoLLM / centralized (paper: {PAPER['llm_vs_centralized']})", "ratio",
+                         _ratio_verdict(0.97))
+        if row:
+            lines.append(row)
+    lines.append("")
+    for d in datasets:  # the seed counts, for a reader who wants them
         for other in ("standalone", "fedavg"):
             pairs = _paired(results, d, "fedcollm", other, "slm")
             if pairs:
                 diffs = [a - b for a, b in pairs]
-                wins = sum(x > 0 for x in diffs)
-                verdict = ("holds on every seed" if wins == len(diffs) else
-                           "holds on average, not on every seed" if sum(diffs) > 0 else "does not hold")
-                lines.append(f"- {d}: SLM FedCoLLM − {LABELS[other]} = {fmt_mean_std(diffs)} points "
-                             f"(FedCoLLM better on {wins}/{len(diffs)} seeds): claim {verdict}.")
+                lines.append(f"- {d}: SLM FedCoLLM − {LABELS[other]} = {fmt_mean_std(diffs)} points over seeds "
+                             f"(FedCoLLM better on {sum(x > 0 for x in diffs)}/{len(diffs)} seeds).")
         pairs = _paired(results, d, "fedcollm", "centralized", "llm")
         if pairs:
-            ratios = [a / b for a, b in pairs]
-            lines.append(f"- {d}: LLM FedCoLLM / centralized = {fmt_mean_std(ratios)}% "
+            lines.append(f"- {d}: LLM FedCoLLM / centralized = {fmt_mean_std([a / b for a, b in pairs])}% over seeds "
                          f"(paper: {PAPER['llm_vs_centralized']}).")
-    return lines
+    return lines if len(lines) > 3 else []
 
 
 def _comm(results: dict, datasets: list[str]) -> dict | None:
@@ -90,6 +150,7 @@ def table2(comm: dict | None) -> str:
     lines = ["# Table 2: communication per client per round (FedCoLLM)", ""]
     if comm is None:
         return "\n".join(lines + ["No FedCoLLM run in this experiment.", ""])
+    full = comm["full_slm_fp32_bytes"]
     lines += [
         "| quantity | value |", "|---|---|",
         f"| adapter parameters sent (LoRA) | {comm['adapter_params']:,} |",
@@ -98,7 +159,9 @@ def table2(comm: dict | None) -> str:
         f"| bytes up per client per round (Flower message payload) | {comm['bytes_up_per_client_round']:,.0f} |",
         f"| bytes down per client per round | {comm['bytes_down_per_client_round']:,.0f} |",
         f"| full SLM in fp32 | {comm['full_slm_fp32_bytes']:,} bytes |",
-        f"| ratio bytes up / full SLM fp32 | {100 * comm['ratio']:.3f}% (paper: {PAPER['traffic_ratio']}) |",
+        f"| ratio bytes up / full SLM fp32 | {100 * comm['bytes_up_per_client_round'] / full:.3f}% "
+        f"(paper: {PAPER['traffic_ratio']}) |",
+        f"| ratio bytes down / full SLM fp32 | {100 * comm['bytes_down_per_client_round'] / full:.3f}% |",
         "",
         "Only the SLM's LoRA adapter crosses the network, up and down; the LLM never leaves the server.",
         "",
@@ -117,9 +180,16 @@ def compute_time(results: dict, datasets: list[str]) -> list[str]:
     return lines
 
 
-def _commits(commits: list[str]) -> str:
-    short = [c[:12] + ("-dirty" if c.endswith("-dirty") else "") for c in commits]
-    return ", ".join(f"`{c}`" for c in short) or "–"
+def _code_line(meta: dict) -> str:
+    versions = meta.get("result_versions", {})
+    listed = ", ".join(f"`{v}` ({n})" for v, n in versions.items()) or "–"
+    line = (f"Code: results computed by code version {listed} (fedcollm.version: a digest of the package source); "
+            f"tables written by `{meta['code_version']}` at git commit `{meta['git_commit'][:12]}`  ")
+    if len(versions) > 1:
+        line = (f"**Mixed code versions** (allowed by --allow-mixed-versions): these results come from "
+                f"{len(versions)} different versions of the code, so differences between rows may be code, "
+                f"not method.  \n" + line)
+    return line
 
 
 def table1(results: dict, meta: dict) -> str:
@@ -128,8 +198,7 @@ def table1(results: dict, meta: dict) -> str:
     lines = [
         "# Table 1: accuracy of the client SLM and the server LLM (%)", "",
         f"Command: `{meta['command']}`  ",
-        f"Code: tables written at git commit `{meta['git_commit']}`; the results in them were computed at "
-        f"{_commits(meta.get('result_commits', []))}  ",
+        _code_line(meta),
         f"Seeds: {', '.join(map(str, meta['seeds']))} (mean ± sample std over seeds; each seed has its own "
         "split and initial adapters; zero-shot does not depend on the seed)  ",
         f"Models: LLM `{cfg['model']['llm']}`, SLM `{cfg['model']['slm'] or 'pruned LLM: first '}"
@@ -145,7 +214,10 @@ def table1(results: dict, meta: dict) -> str:
         "## LLM (server model), acc", "", *_block(results, datasets, methods, "llm", "acc", n_seeds), "",
         "## SLM, acc_norm", "", *_block(results, datasets, methods, "slm", "acc_norm", n_seeds), "",
         "## LLM, acc_norm", "", *_block(results, datasets, methods, "llm", "acc_norm", n_seeds), "",
-        "## The paper's claims, checked on these numbers", "", *claims(results, datasets), "",
+        "## The paper's claims, checked on these numbers", "",
+        "Paired bootstrap over the test items (both methods scored on the same items; "
+        f"{BOOTSTRAP_SAMPLES} resamples; differences in accuracy points, ratios in %); a claim holds when "
+        "its 95% interval lies on the claimed side.", "", *claims(results, datasets), "",
         "## Compute time (sum over the method/seed results in this table)", "",
         *compute_time(results, datasets), "",
     ]
@@ -183,8 +255,66 @@ def plot(results: dict, meta: dict, path: Path) -> None:
 
 def write_tables(out: Path, results: dict, meta: dict) -> dict:
     doc = {"meta": meta, "results": results}
-    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(doc) + "\n")
     (out / "table1.md").write_text(table1(results, meta))
     (out / "table2.md").write_text(table2(_comm(results, meta["datasets"])))
     plot(results, meta, out / "table1.png")
+    return doc
+
+
+def aux_size_table(results: dict, meta: dict) -> str:
+    fractions, methods = meta["fractions"], meta["methods"]
+    lines = [f"# Accuracy against the size of the auxiliary part: {meta['dataset']}", "",
+             f"Command: `{meta['command']}`  ", _code_line(meta),
+             f"Seeds: {', '.join(map(str, meta['seeds']))} (mean ± sample std); the rest of the training split "
+             f"is cut into {meta['config']['data']['num_clients']} client parts; evaluated on "
+             f"{meta['config']['data']['eval_examples'] or 'all'} items of the {meta['config']['data']['eval_split']} "
+             "split. The paper's setup is 20%.", "",
+             "| aux share | aux examples | method | SLM acc | LLM acc | SLM acc_norm | LLM acc_norm |",
+             "|---|---|---|---|---|---|---|"]
+    for f in fractions:
+        for m in methods:
+            per_seed = results[str(f)][m]
+            sizes = sorted({r.get("aux_examples") for r in per_seed.values() if r.get("aux_examples")})
+            cells = [fmt_mean_std(_values(per_seed, model, metric)) for metric in ("acc", "acc_norm")
+                     for model in ("slm", "llm")]
+            lines.append(f"| {100 * f:g}% | {', '.join(map(str, sizes)) or '–'} | {LABELS.get(m, m)} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_aux_size(results: dict, meta: dict, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in meta["methods"]:
+        for model, style in (("slm", "o-"), ("llm", "s--")):
+            xs, mus, sds = [], [], []
+            for f in meta["fractions"]:
+                vals = _values(results[str(f)][m], model, "acc")
+                if vals:
+                    mu, sd = mean_std([100 * v for v in vals])
+                    xs.append(100 * f)
+                    mus.append(mu)
+                    sds.append(sd or 0.0)
+            if xs:
+                ax.errorbar(xs, mus, yerr=sds, fmt=style, capsize=3, label=f"{LABELS.get(m, m)}: {model.upper()}")
+    ax.set_xlabel("auxiliary part (% of the training split)")
+    ax.set_ylabel("acc (%)")
+    ax.set_title(f"{meta['dataset']}: accuracy against auxiliary data")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_aux_size(out: Path, results: dict, meta: dict) -> dict:
+    doc = {"meta": meta, "results": results}
+    (out / "aux_size.json").write_text(json.dumps(doc) + "\n")
+    (out / "aux_size.md").write_text(aux_size_table(results, meta))
+    plot_aux_size(results, meta, out / "aux_size.png")
     return doc

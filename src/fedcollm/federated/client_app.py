@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import sys
 
 import numpy as np
 import torch
@@ -13,8 +13,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedcollm import components
 from fedcollm.config import Config
-from fedcollm.data.encode import encode_for_training
-from fedcollm.data.loaders import read_jsonl
+from fedcollm.errors import FedCoLLMError
 from fedcollm.federated import transport
 from fedcollm.federated.app_config import config_from_run_config
 from fedcollm.federated.secagg import check_in_range
@@ -22,10 +21,10 @@ from fedcollm.models.lora import adapter_to_ndarrays, load_adapter_ndarrays
 from fedcollm.train.sft import sft
 
 
-@functools.lru_cache(maxsize=2)
-def own_examples(cfg: Config, path: str):
-    """All of a SuperNode's own data file, for a client that holds its data itself."""
-    return encode_for_training(components.tokenizer(cfg), read_jsonl(path), cfg.data.max_length)
+def in_simulation() -> bool:
+    """True inside a Ray actor of Flower's simulation (SuperNodes run no Ray)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
 
 
 class SLMClient(NumPyClient):
@@ -34,14 +33,21 @@ class SLMClient(NumPyClient):
         self.partition_id = partition_id
         self.train_file = train_file  # node-config train-file: this client's own data
 
+    def examples(self):
+        if self.train_file:
+            return components.own_examples(self.cfg, self.train_file)
+        return components.client_examples(self.cfg, self.partition_id)
+
     def fit(self, parameters, config):
         cfg = self.cfg
-        torch.set_num_threads(cfg.federation.client_cpus)
+        if in_simulation():  # an actor's share of the host; a SuperNode keeps all of its cores
+            torch.set_num_threads(cfg.federation.client_cpus)
         model = components.cached_client_slm(cfg)
-        if self.train_file:
-            examples = own_examples(cfg, self.train_file)
-        else:
-            examples = components.run_data(cfg).clients[self.partition_id]
+        examples = self.examples()
+        cap = int(config.get("max_examples", 0))
+        if cap and len(examples) > cap:  # the server would reject (or SecAgg+ overflow) this weight
+            raise FedCoLLMError(f"client {self.partition_id}: {len(examples)} training examples exceed the "
+                                f"server's federation.max_client_examples = {cap}")
         load_adapter_ndarrays(model, transport.decode(parameters, cfg.federation.transport))
         rnd = int(config.get("round", 0))
         seed = cfg.run.seed * 1_000_003 + rnd * 1009 + self.partition_id
@@ -50,14 +56,20 @@ class SLMClient(NumPyClient):
                     batch_size=cfg.client.batch_size, pad_id=components.tokenizer(cfg).pad_token_id,
                     seed=seed, device=components.device_of(cfg), weight_decay=cfg.client.weight_decay)
         arrays = adapter_to_ndarrays(model)
+        print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "
+              f"loss {stats['loss']:.3f} on {components.device_of(cfg)}", flush=True)
+        metrics = {"loss": float(stats["loss"]), "steps": int(stats["steps"]), "partition": self.partition_id,
+                   "device": str(components.device_of(cfg))}
+        wire = transport.encode(arrays, cfg.federation.transport)
         if cfg.federation.secure_aggregation:
-            check_in_range(arrays, cfg.federation.secagg_clipping_range, f"client {self.partition_id}")
+            # SecAgg+ quantizes in the input's dtype (fp16 overflows) and sums across clients
+            # (int8's per-client scales cannot be summed): hand it the values the transport
+            # would deliver, in fp32. Its own masked integers are what travels.
+            wire = transport.decode(wire, cfg.federation.transport)
+            check_in_range(wire, cfg.federation.secagg_clipping_range, f"client {self.partition_id}")
             # SecAgg+ rounds stochastically with numpy's global RNG right after this returns.
             np.random.seed(seed % 2**32)
-        print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "
-              f"loss {stats['loss']:.3f}", flush=True)
-        metrics = {"loss": float(stats["loss"]), "steps": int(stats["steps"]), "partition": self.partition_id}
-        return transport.encode(arrays, cfg.federation.transport), len(examples), metrics
+        return wire, len(examples), metrics
 
 
 def secure_aggregation_mod(msg, context, call_next):

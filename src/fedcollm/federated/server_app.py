@@ -17,7 +17,7 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
 from fedcollm import checkpoint
-from fedcollm.config import Config
+from fedcollm.config import Config, check_files
 from fedcollm.errors import FedCoLLMError
 from fedcollm.federated import secagg
 from fedcollm.federated.app_config import config_from_run_config
@@ -25,6 +25,7 @@ from fedcollm.federated.strategy import FedCoLLMStrategy
 from fedcollm.federated.traffic import CountingGrid
 from fedcollm.models.lora import adapter_numel, adapter_to_ndarrays, base_numel
 from fedcollm.report import Recorder, build_summary, write_outputs
+from fedcollm.version import code_version
 
 
 def run_server(grid, context, cfg: Config, observe=None) -> dict:
@@ -46,7 +47,7 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
         observe(strategy, counting)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds - strategy.offset),
                            strategy=strategy)
-    fit_workflow = secagg.make_fit_workflow(cfg, secure["max_weight"]) if secure else None
+    fit_workflow = secagg.make_fit_workflow(cfg, strategy.max_examples) if secure else None
     DefaultWorkflow(fit_workflow=fit_workflow)(counting, legacy)
     strategy.rounds_bar.close()
     strategy.score_last_state()
@@ -59,10 +60,11 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
             "full_slm_fp32_bytes": 4 * full}
     summary = build_summary(recorder.rows, comm, {
         "dataset": cfg.data.dataset, "eval_split": cfg.data.eval_split,
-        "num_clients": cfg.data.num_clients, "llm_model": cfg.model.llm if cfg.distill.enabled else None,
+        "num_clients": cfg.data.num_clients, "aux_examples": len(strategy.data.aux), "llm_model": cfg.model.llm if cfg.distill.enabled else None,
         "slm_model": cfg.model.slm or f"{cfg.model.llm} layers 0-{cfg.model.slm_keep_first - 1} + last {cfg.model.slm_keep_last}",
         "secure_aggregation": secure or False, "seed": cfg.run.seed, "stopped": strategy.stopped,
-        "failed_rounds": recorder.failed, "config_digest": cfg.digest(), "wall_s": time.time() - t0})
+        "failed_rounds": recorder.failed, "config_digest": cfg.digest(), "wall_s": time.time() - t0,
+        "server_device": str(strategy.device), "code_version": code_version(), "items": strategy.last_items})
     write_outputs(out, recorder.rows, summary, _command())
     if strategy.stopped:
         raise FedCoLLMError(f"run stopped in round {strategy.failed_round}: {strategy.stopped}; "
@@ -94,12 +96,12 @@ def _secure_settings(cfg: Config, strategy: FedCoLLMStrategy) -> dict:
     f = cfg.federation
     secagg.check_in_range(adapter_to_ndarrays(strategy.slm), f.secagg_clipping_range / 2,
                           "the initial global adapter (needs headroom to half the range)")
-    sizes = [len(part) for part in strategy.data.clients]
+    sizes = strategy.data.client_sizes  # None: the server does not know the clients' parts
     return {"protocol": "SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow)",
             "clipping_range": f.secagg_clipping_range, "quantization_range": f.secagg_quantization_range,
             "num_shares": f.secagg_num_shares, "reconstruction_threshold": f.secagg_reconstruction_threshold,
-            "max_weight": max(sizes), "timeout_s": f.round_timeout,
-            "max_abs_error_bound": secagg.error_bound(cfg, sizes, max(sizes))}
+            "max_weight": strategy.max_examples, "timeout_s": f.round_timeout,
+            "max_abs_error_bound": secagg.error_bound(cfg, list(sizes), strategy.max_examples) if sizes else None}
 
 
 def make_server_app(cfg: Config | None = None, observe=None) -> ServerApp:
@@ -108,7 +110,9 @@ def make_server_app(cfg: Config | None = None, observe=None) -> ServerApp:
 
     @server_app.main()
     def main(grid, context) -> None:
-        run_server(grid, context, cfg or config_from_run_config(context.run_config), observe)
+        c = cfg or config_from_run_config(context.run_config)
+        check_files(c)
+        run_server(grid, context, c, observe)
 
     return server_app
 

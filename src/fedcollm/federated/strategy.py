@@ -14,6 +14,9 @@ server writes its outputs from the last good state.
 
 Resuming: Flower numbers the rounds of a run from 1, so a run resumed after round r adds r
 (`offset`) wherever the round number matters (seeds, metrics, checkpoints).
+
+Waiting: a round waits at most `round_timeout` for all num_clients to be connected, then goes
+on with those that are, if they are at least min_clients (Flower's own wait is 24 hours).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm
 from fedcollm import checkpoint, components
 from fedcollm.config import Config
 from fedcollm.crash import maybe_kill
+from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import evaluate
 from fedcollm.federated import transport
 from fedcollm.federated.validate import update_problem
@@ -45,21 +50,31 @@ def _client_id(proxy, res) -> dict:
     return {"client": res.metrics.get("partition"), "node": getattr(proxy, "node_id", None)}
 
 
+def max_client_examples(cfg: Config, data: components.ServerData) -> int:
+    """The cap on a client's claimed example count (its FedAvg weight, SecAgg+'s max_weight)."""
+    if cfg.federation.max_client_examples:
+        return cfg.federation.max_client_examples
+    if data.client_sizes is None:
+        raise FedCoLLMError("config: federation.max_client_examples must be set when the server has only "
+                            "data.aux_file (it cannot derive the largest client part)")
+    return max(data.client_sizes)
+
+
 class FedCoLLMStrategy(FedAvg):
     def __init__(self, cfg: Config, recorder: Recorder, grid=None, resume: dict | None = None):
-        k = cfg.data.num_clients
-        n_fit = max(1, round(cfg.federation.fraction_fit * k))
         self.offset = resume["round"] if resume else 0
-        super().__init__(
-            fraction_fit=cfg.federation.fraction_fit, fraction_evaluate=0.0,
-            min_fit_clients=n_fit, min_available_clients=k, min_evaluate_clients=0,
-            on_fit_config_fn=lambda rnd: {"round": rnd + self.offset})
         self.cfg = cfg
         self.recorder = recorder
         self.grid = grid  # a CountingGrid, read after each round
         self.device = components.device_of(cfg)
         self.tokenizer = components.tokenizer(cfg)
-        self.data = components.run_data(cfg)
+        self.data = components.server_data(cfg)
+        self.max_examples = max_client_examples(cfg, self.data)
+        super().__init__(
+            fraction_fit=cfg.federation.fraction_fit, fraction_evaluate=0.0,
+            min_fit_clients=cfg.federation.min_clients, min_available_clients=cfg.federation.min_clients,
+            min_evaluate_clients=0,
+            on_fit_config_fn=lambda rnd: {"round": rnd + self.offset, "max_examples": self.max_examples})
         # No KD (the FedAvg baseline): the server holds no LLM at all.
         self.llm = components.build_llm(cfg) if cfg.distill.enabled else None
         self.slm = components.build_slm(cfg)
@@ -69,11 +84,13 @@ class FedCoLLMStrategy(FedAvg):
             set_peft_model_state_dict(self.slm, resume["slm"])
             if self.llm is not None:
                 set_peft_model_state_dict(self.llm, resume["llm"])
+            torch.set_rng_state(resume["torch_rng"])  # for any draw that is not seeded per round
         self.round_stats: dict = {}
         self.stopped: str | None = None  # why the run ended early, if it did
         self.failed_round: int | None = None
         self.aggregated = False  # this round produced a global adapter
         self.sampled = 0  # clients asked to fit this round
+        self.last_items: dict = {}  # per-item correctness of the last scoring (paired tests)
         self.rounds_bar = tqdm(total=cfg.federation.rounds, initial=self.offset, desc="rounds",
                                unit="round", disable=not cfg.run.progress)
 
@@ -95,6 +112,15 @@ class FedCoLLMStrategy(FedAvg):
     def configure_fit(self, server_round, parameters, client_manager):
         if self.stopped:
             return []
+        k, f = self.cfg.data.num_clients, self.cfg.federation
+        if not client_manager.wait_for(k, timeout=max(1, int(f.round_timeout))):
+            print(f"[fedcollm] round {server_round + self.offset}: {client_manager.num_available()} of {k} "
+                  f"clients connected within federation.round_timeout = {f.round_timeout:g} s", flush=True)
+        if client_manager.num_available() < f.min_clients:
+            self.stopped = (f"{client_manager.num_available()} clients connected, fewer than "
+                            f"federation.min_clients = {f.min_clients}")
+            self.sampled = 0
+            return []
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = len(instructions)
         return instructions
@@ -106,7 +132,8 @@ class FedCoLLMStrategy(FedAvg):
         for proxy, res in results:
             try:
                 arrays = self._decode(res)
-                problem = update_problem(arrays, reference, res.num_examples, self.cfg.federation.max_update_norm)
+                problem = update_problem(arrays, reference, res.num_examples, self.cfg.federation.max_update_norm,
+                                         self.max_examples)
             except ValueError as e:
                 problem = str(e)
             if problem:
@@ -128,6 +155,7 @@ class FedCoLLMStrategy(FedAvg):
         losses = [(r.num_examples, r.metrics.get("loss", float("nan"))) for _, r, _ in accepted]
         stats["client_loss"] = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
         stats["client_examples"] = [r.num_examples for _, r, _ in accepted]
+        stats["client_devices"] = sorted({str(r.metrics["device"]) for _, r, _ in accepted if "device" in r.metrics})
         # Flower's FedAvg arithmetic (example-weighted mean) on the decoded fp32 updates.
         load_adapter_ndarrays(self.slm, aggregate([(arrays, r.num_examples) for _, r, arrays in accepted]))
         self.aggregated = True
@@ -181,15 +209,19 @@ class FedCoLLMStrategy(FedAvg):
         return rnd == self.cfg.federation.rounds or (every > 0 and rnd % every == 0)
 
     def _score(self, rnd: int) -> dict:
-        """Accuracy of the global SLM and (if the server has one) the LLM; `llm` is None without."""
+        """Accuracy of the global SLM and (if the server has one) the LLM; `llm` is None without.
+
+        Which items each model got right is kept (`last_items`) for the summary, not the row."""
         t0 = time.time()
         kw = dict(max_length=self.cfg.data.max_length, batch_size=self.cfg.run.eval_batch_size,
-                  device=self.device, progress=self.cfg.run.progress)
-        slm = evaluate(self.slm, self.tokenizer, self.data.evals, desc=f"eval SLM r{rnd}", **kw)
-        llm = None
+                  device=self.device, progress=self.cfg.run.progress, requests=self.data.eval_requests)
+        scores = {"slm": evaluate(self.slm, self.tokenizer, self.data.evals, desc=f"eval SLM r{rnd}", **kw)}
         if self.llm is not None:
-            llm = evaluate(self.llm, self.tokenizer, self.data.evals, desc=f"eval LLM r{rnd}", **kw)
-        return {"slm": slm, "llm": llm, "eval_s": time.time() - t0}
+            scores["llm"] = evaluate(self.llm, self.tokenizer, self.data.evals, desc=f"eval LLM r{rnd}", **kw)
+        self.last_items = {"round": rnd, "ids": [r.id for r in self.data.evals],
+                           **{m: {k: s[k] for k in ("correct", "correct_norm")} for m, s in scores.items()}}
+        row = {m: {k: s[k] for k in ("acc", "acc_norm", "n")} for m, s in scores.items()}
+        return {"slm": row["slm"], "llm": row.get("llm"), "eval_s": time.time() - t0}
 
     def _take_traffic(self) -> dict:
         if self.grid is None:

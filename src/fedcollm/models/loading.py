@@ -156,7 +156,8 @@ def load_tokenizer(source: str, cache_dir: str = ""):
     return tok
 
 
-def load_base_model(source: str, dtype: torch.dtype, device: torch.device, cache_dir: str = ""):
+def load_base_model(source: str, dtype: torch.dtype, cache_dir: str = ""):
+    """The model on the CPU (the caller prunes it, if it does, before moving it to a device)."""
     if source == TINY_ALIAS:
         model = tiny_model(len(tiny_tokenizer())).to(dtype)
     else:
@@ -167,7 +168,7 @@ def load_base_model(source: str, dtype: torch.dtype, device: torch.device, cache
         except OSError as e:
             raise FedCoLLMError(f"model {source!r} could not be loaded: {str(e).splitlines()[0]}") from None
     model.config.use_cache = False
-    return model.to(device)
+    return model
 
 
 def prune_layers(model, keep_first: int, keep_last: int):

@@ -110,16 +110,19 @@ def run_status(fed: Federation, run_id: int) -> str:
         return "unknown"
 
 
-def deploy_local(cfg: Config, clients: int | None = None, unregistered: int = 0,
-                 timeout: float = 3600.0) -> dict:
-    """Run cfg on a local SuperLink + `clients` SuperNodes (TLS, node auth); return the summary.
+def deploy_local(cfg: Config, unregistered: int = 0, timeout: float = 3600.0,
+                 train_files: list[str] | tuple[str, ...] = ()) -> dict:
+    """Run cfg on a local SuperLink + data.num_clients SuperNodes (TLS, node auth); return the
+    summary.
 
-    `unregistered` extra SuperNodes start with keys the SuperLink does not know (they must be
-    refused). Raises FedCoLLMError unless the run's status is finished:completed.
+    `train_files`, one per client, gives each SuperNode its own data (node-config train-file):
+    the server's config then need not name any training data. `unregistered` extra SuperNodes
+    start with keys the SuperLink does not know (they must be refused). Raises FedCoLLMError
+    unless the run's status is finished:completed.
     """
-    n = clients or cfg.data.num_clients
-    if n != cfg.data.num_clients:
-        raise FedCoLLMError(f"--clients {n} differs from data.num_clients = {cfg.data.num_clients}")
+    n = cfg.data.num_clients
+    if train_files and len(train_files) != n:
+        raise FedCoLLMError(f"deploy-local: {len(train_files)} train files for {n} clients")
     out = Path(cfg.run.out_dir).resolve()
     folder = out / "deployment"
     shutil.rmtree(folder, ignore_errors=True)
@@ -153,7 +156,8 @@ def deploy_local(cfg: Config, clients: int | None = None, unregistered: int = 0,
             fed.start(f"supernode{i}", [
                 _bin("flower-supernode"), "--superlink", f"127.0.0.1:{port}",
                 "--root-certificates", str(tls.ca_cert), "--auth-supernode-private-key", str(priv),
-                "--node-config", f"partition-id={i % n} num-partitions={n}",
+                "--node-config", f"partition-id={i % n} num-partitions={n}"
+                + (f' train-file="{Path(train_files[i % n]).resolve()}"' if train_files else ""),
                 "--port", str(free_port())])
         started = fed.flwr("run", str(project_root()), CONNECTION, "--format", "json",
                            "--run-config", f'config-file="{run_file}"')

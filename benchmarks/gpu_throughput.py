@@ -1,0 +1,205 @@
+"""Throughput of the hot paths on each device, side by side in one run: evaluator (items/s,
+tokens/s), client SFT and server KD (tokens/s), peak memory and, on a GPU, how busy it was.
+
+The default SmolLM2 pair (LLM SmolLM2-135M-Instruct, SLM its 20-layer copy) on ARC-Easy, in the
+dtype `auto` picks (bf16 on CUDA, fp32 on CPU). Each device runs in its own process. On CUDA it
+also times one full FedCoLLM round on the whole ARC-Easy training split (4 clients + server KD,
+`fedcollm run`, the clients on the GPU) against the issue's goals.
+
+    python benchmarks/gpu_throughput.py [--devices cuda,cpu] [--eval-items N] [--train-examples N]
+                                        [--round] [--out results/bench/gpu_throughput.json]
+
+Goals (one H100): both models on the full ARC-Easy test split ≤ 20 s; one round on the full
+training split ≤ 60 s with the GPU busy ≥ 50% of it. CPU sizes default to a slice: the rates
+are comparable, the totals are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+GOALS = {"eval_full_test_s": 20.0, "round_s": 60.0, "round_gpu_busy": 0.5}
+
+
+class GpuBusy:
+    """Samples nvidia-smi's utilisation.gpu every 0.2 s while in the `with` block."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+
+    def _poll(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout.split()
+                self.samples.append(float(out[0]) / 100)
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def _sync(device):
+    import torch  # noqa: PLC0415
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(device_name: str, eval_items: int, train_examples: int) -> dict:
+    """One device: the evaluator on both models, SFT of the SLM, mutual KD, in this process."""
+    import dataclasses  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from fedcollm import components  # noqa: PLC0415
+    from fedcollm.config import load_config  # noqa: PLC0415
+    from fedcollm.eval.mcq import evaluate  # noqa: PLC0415
+    from fedcollm.train.distill import mutual_distill  # noqa: PLC0415
+    from fedcollm.train.sft import sft  # noqa: PLC0415
+
+    cfg = load_config(overrides=[f'model.device="{device_name}"', "data.max_train_examples=0",
+                                 f"data.eval_examples={eval_items}", "run.progress=false"])
+    device = components.device_of(cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    data = components.server_data(cfg)
+    llm, slm = components.build_llm(cfg), components.build_slm(cfg)
+    tok = components.tokenizer(cfg)
+    res: dict = {"device": str(device), "dtype": str(components.dtype_of(cfg)), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(device)
+
+    eval_tokens = sum(len(r.context) + sum(len(c) for c in r.choices) for r in data.eval_requests)
+    with GpuBusy() as busy:
+        t0 = time.perf_counter()
+        for model in (slm, llm):
+            evaluate(model, tok, data.evals, max_length=cfg.data.max_length, batch_size=cfg.run.eval_batch_size,
+                     device=device, requests=data.eval_requests)
+        _sync(device)
+        secs = time.perf_counter() - t0
+    res["eval"] = {"items": len(data.evals), "models": 2, "s": secs, "items_per_s": 2 * len(data.evals) / secs,
+                   "tokens_per_s": 2 * eval_tokens / secs, "gpu_busy": busy.mean}
+
+    examples = [e for k in range(cfg.data.num_clients) for e in components.client_examples(cfg, k)][:train_examples]
+    train_tokens = sum(len(e.ids) for e in examples)
+    with GpuBusy() as busy:
+        t0 = time.perf_counter()
+        stats = sft(slm, examples, epochs=1, lr=cfg.client.lr, batch_size=cfg.client.batch_size,
+                    pad_id=tok.pad_token_id, seed=0, device=device)
+        _sync(device)
+        secs = time.perf_counter() - t0
+    res["sft"] = {"examples": len(examples), "steps": stats["steps"], "s": secs, "tokens_per_s": train_tokens / secs,
+                  "gpu_busy": busy.mean}
+
+    kd_cfg = dataclasses.replace(cfg.distill, epochs=1)
+    with GpuBusy() as busy:
+        t0 = time.perf_counter()
+        stats = mutual_distill(llm, slm, examples, kd_cfg, pad_id=tok.pad_token_id, seed=0, device=device)
+        _sync(device)
+        secs = time.perf_counter() - t0
+    res["kd"] = {"examples": len(examples), "steps": stats["steps"], "s": secs, "tokens_per_s": train_tokens / secs,
+                 "gpu_busy": busy.mean}
+    if device.type == "cuda":
+        res["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def one_round(out: Path) -> dict:
+    """`fedcollm run`, 1 round on the whole ARC-Easy training split, scored once, on CUDA."""
+    run_dir = out.parent / "gpu_round_run"
+    cmd = [sys.executable, "-m", "fedcollm.cli", "run", "--out", str(run_dir), "--set", "data.max_train_examples=0",
+           "--set", "data.eval_examples=0", "--set", "federation.rounds=1", "--set", "run.eval_every=0",
+           "--set", "run.progress=false", "--set", 'model.device="cuda"']
+    with GpuBusy() as busy:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"the round failed: {proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"command": " ".join(cmd[2:]), "wall_s": wall, "kd_s": rows[-1].get("kd_s"), "eval_s": rows[-1].get("eval_s"),
+            "client_devices": rows[-1].get("client_devices"), "server_device": summary.get("server_device"),
+            "gpu_busy_whole_run": busy.mean, "slm": summary["slm"], "llm": summary["llm"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", default="cuda,cpu")
+    p.add_argument("--eval-items", type=int, default=0, help="0: the whole test split on CUDA, 100 on CPU")
+    p.add_argument("--train-examples", type=int, default=0, help="0: the whole training split on CUDA, 64 on CPU")
+    p.add_argument("--round", action="store_true", help="also time one full round on CUDA (fedcollm run)")
+    p.add_argument("--out", default="results/bench/gpu_throughput.json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        cuda = args.child.startswith("cuda")
+        print(json.dumps(measure(args.child, args.eval_items or (0 if cuda else 100),
+                                 args.train_examples or (10**9 if cuda else 64))))
+        return
+    report: dict = {"machine": platform.platform(), "python": sys.version.split()[0], "results": {}}
+    for dev in args.devices.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--child", dev, "--eval-items", str(args.eval_items),
+                               "--train-examples", str(args.train_examples)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{dev}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            continue
+        report["results"][dev] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if args.round and "cuda" in report["results"]:
+        report["round"] = one_round(Path(args.out))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    _print(report)
+
+
+def _print(report: dict) -> None:
+    res = report["results"]
+    devs = list(res)
+    rows = [("evaluator items/s (2 models)", "eval", "items_per_s"), ("evaluator tokens/s", "eval", "tokens_per_s"),
+            ("client SFT tokens/s", "sft", "tokens_per_s"), ("server KD tokens/s", "kd", "tokens_per_s"),
+            ("GPU busy, evaluator", "eval", "gpu_busy"), ("GPU busy, SFT", "sft", "gpu_busy"),
+            ("GPU busy, KD", "kd", "gpu_busy")]
+    print("| figure | " + " | ".join(f"{d} ({res[d]['dtype']})" for d in devs) + (" | ratio |" if len(devs) == 2 else " |"))
+    for label, part, key in rows:
+        vals = [res[d][part].get(key) for d in devs]
+        cells = ["–" if v is None else f"{v:,.1f}" if "busy" not in label else f"{100 * v:.0f}%" for v in vals]
+        ratio = f" | {vals[0] / vals[1]:.1f}×" if len(devs) == 2 and None not in vals and "busy" not in label else " | "
+        print(f"| {label} | " + " | ".join(cells) + ratio + " |")
+    for d in devs:
+        r = res[d]
+        mem = f"peak GPU memory {r['peak_gpu_memory_mb']:,.0f} MB, " if "peak_gpu_memory_mb" in r else ""
+        full = f"; full test split (2,376 items) at this rate: {2 * 2376 / r['eval']['items_per_s']:.0f} s" \
+            f" (goal ≤ {GOALS['eval_full_test_s']:.0f} s on an H100)"
+        print(f"{d}: {mem}peak RSS {r['peak_rss_mb']:,.0f} MB; eval {r['eval']['items']} items in {r['eval']['s']:.1f} s{full}")
+    if "round" in report:
+        r = report["round"]
+        print(f"one round, full ARC-Easy train split: {r['wall_s']:.0f} s wall incl. start-up and scoring "
+              f"(goal ≤ {GOALS['round_s']:.0f} s), GPU busy {100 * (r['gpu_busy_whole_run'] or 0):.0f}% "
+              f"(goal ≥ {100 * GOALS['round_gpu_busy']:.0f}%), clients on {r['client_devices']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""One training step, held to transformers' own causal-LM loss on whatever version is installed
+(CI also runs this file on the lowest transformers and peft that pyproject.toml allows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedcollm.data.encode import collate, encode_pairs
+from fedcollm.models.loading import tiny_model, tiny_tokenizer
+from fedcollm.models.lora import adapter_state, attach_lora
+from fedcollm.models.logits import answer_logits
+from fedcollm.train.sft import sft
+
+PAIRS = [("Question: What color is the sky?\nAnswer:", " blue"),
+         ("Question: Which is hot?\nAnswer:", " the sun"),
+         ("The sun is responsible for plants sprouting,", " blooming and wilting.")]
+
+
+@pytest.fixture
+def lora_model():
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = attach_lora(tiny_model(len(tok)), 4, 8, 0.0, ("q_proj", "v_proj"))
+    for n, p in model.named_parameters():  # B = 0 at init: make the adapter matter for the check
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    return model, tok
+
+
+def test_answer_only_loss_equals_transformers_own_loss(lora_model):
+    model, tok = lora_model
+    batch = collate(encode_pairs(tok, PAIRS, 64), tok.pad_token_id)
+    pred, target = answer_logits(model, batch)
+    ours = F.cross_entropy(pred.float(), target)
+    theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert target.numel() == sum(1 for row in batch["labels"][:, 1:] for v in row if v != -100)
+
+
+def test_one_sft_step_moves_only_the_adapter(lora_model):
+    model, tok = lora_model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    stats = sft(model, encode_pairs(tok, PAIRS, 64), epochs=1, lr=1e-2, batch_size=8, pad_id=tok.pad_token_id,
+                seed=0, device=torch.device("cpu"))
+    assert stats["steps"] == 1 and stats["loss"] > 0
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= set(adapter_state(model)) | {k for k in before if "lora_" in k}
+    assert all("lora_" in k for k in changed)
