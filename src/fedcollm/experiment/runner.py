@@ -71,8 +71,11 @@ class Cache:
     out: Path
     compute: bool
     allow_mixed: bool
-    code: str = dataclasses.field(default_factory=code_version)  # this process's, fixed at start
+    code: str = ""  # this process's code version, fixed at start whatever is edited later
     versions: Counter = dataclasses.field(default_factory=Counter)  # code version → results used
+
+    def __post_init__(self):
+        self.code = self.code or code_version()
 
     def get(self, cfg: Config, method: str, seed_key: str, tag: str) -> dict | None:
         """The job's result: from the cache, or computed now (and cached), or None (report only)."""
