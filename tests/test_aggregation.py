@@ -74,3 +74,36 @@ def test_the_norm_check_measures_the_update_not_the_adapter(strategy):
     assert rejected["reason"].startswith("update norm ‖θ_k − θ_global‖ = ")
     assert rejected["reason"].endswith("exceeds federation.max_update_norm = 50")
     assert strategy.round_stats["clients_ok"] == 1
+
+
+class _Proxy:  # the part of a ClientProxy that a client manager and FedAvg's sampling use
+    def __init__(self, cid: str):
+        self.cid = cid
+
+
+def _manager(n: int):
+    from flwr.server.client_manager import SimpleClientManager  # noqa: PLC0415
+
+    cm = SimpleClientManager()
+    for i in range(n):
+        cm.register(_Proxy(str(i)))
+    return cm
+
+
+@pytest.mark.parametrize("min_clients,expected", [(1, 2), (3, 0)])
+def test_a_round_waits_at_most_round_timeout_for_missing_clients(smoke_cfg, tmp_path, min_clients, expected):
+    """2 of 4 clients connected: after round_timeout the round goes on with them if that is at
+    least min_clients, and stops the run with the reason if not (Flower alone waits 24 hours)."""
+    import time  # noqa: PLC0415
+
+    from flwr.common import ndarrays_to_parameters as to_params  # noqa: PLC0415
+
+    cfg = dataclasses.replace(smoke_cfg, federation=dataclasses.replace(
+        smoke_cfg.federation, round_timeout=1.0, min_clients=min_clients))
+    strategy = FedCoLLMStrategy(cfg, Recorder(tmp_path, echo=False))
+    t0 = time.time()
+    chosen = strategy.configure_fit(1, to_params(adapter_to_ndarrays(strategy.slm)), _manager(2))
+    assert time.time() - t0 < 10
+    assert len(chosen) == expected
+    if expected == 0:
+        assert strategy.stopped == f"2 clients connected, fewer than federation.min_clients = {min_clients}"

@@ -21,14 +21,20 @@ def _checkout_copy(dest: Path) -> Path:
     return dest
 
 
-def _run(cmd, **kw):
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+def _clean_env(**extra) -> dict:
+    """This process's environment without PYTHONPATH (in-process Ray simulations of other tests
+    may have set it to this checkout's src/), plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **extra}
+
+
+def _run(cmd, env=None, **kw):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or _clean_env(), **kw)
     assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-3000:])
     return proc
 
 
 def test_host_packages_and_what_only_they_need_are_left_out():
-    env = dict(os.environ, PYTHON=sys.executable)
+    env = _clean_env(PYTHON=sys.executable)
     out = _run(["bash", str(ROOT / "scripts" / "wheelhouse.sh"), "/nonexistent", "--host-has", "torch transformers",
                 "--dry-run"], env=env, timeout=600).stdout
     wanted = {line.split("==")[0].lower() for line in out.splitlines() if "==" in line}
@@ -41,11 +47,11 @@ def test_setup_offline_installs_from_a_wheelhouse_without_network(tmp_path):
     (tmp_path / "checkout").mkdir()
     checkout = _checkout_copy(tmp_path / "checkout")
     house = tmp_path / "wheels"
-    env = dict(os.environ, PYTHON=sys.executable)
+    env = _clean_env(PYTHON=sys.executable)
     _run(["bash", str(checkout / "scripts" / "wheelhouse.sh"), str(house), "--split-mb", "40"], env=env, timeout=1800)
     assert list(house.glob("*.whl.part-00")), "expected the large wheels cut into pieces"
     assert all(f.stat().st_size <= 40 * 1024 * 1024 for f in house.iterdir())
-    offline = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS="", PIP_EXTRA_INDEX_URL="",
+    offline = _clean_env(PIP_NO_INDEX="1", PIP_FIND_LINKS="", PIP_EXTRA_INDEX_URL="",
                    http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                    HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
                    PYTHON=shutil.which("python3") or sys.executable)
