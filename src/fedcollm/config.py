@@ -156,6 +156,22 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    # Client-level differential privacy (federated/privacy.py): off | central-client-clipping
+    # (clients clip their update; works with SecAgg+) | central-server-clipping (the server
+    # clips each update it receives; not with SecAgg+). Either way the server adds Gaussian
+    # noise of std noise_multiplier·clipping_norm/m to the mean of the m sampled updates.
+    mode: str = "off"
+    noise_multiplier: float = 0.0  # σ; or 0 with target_epsilon > 0: σ solved for that ε
+    # C, the bound on ‖θ_k − θ_global‖. No default fits every adapter: one round of local SFT
+    # moves the default LoRA adapter by ~1-5, so C around the median update norm is the
+    # usual choice (clip a little, lose little signal).
+    clipping_norm: float = 0.0
+    delta: float = 1e-5  # δ of (ε, δ); ≤ 1/(number of clients) is the usual advice
+    target_epsilon: float = 0.0  # ε after all rounds (0: use noise_multiplier)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     out_dir: str = "runs/latest"
@@ -177,6 +193,7 @@ class Config:
     client: ClientTrainConfig = field(default_factory=ClientTrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +234,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.eval_split": ("test", "validation", "train_holdout"),
     "data.partition": ("iid", "dirichlet", "topic"),
     "federation.transport": ("fp32", "fp16", "int8"),
+    "privacy.mode": ("off", "central-client-clipping", "central-server-clipping"),
 }
 POSITIVE = {
     "lora.r", "lora.alpha", "data.num_clients", "data.max_length", "client.local_epochs",
@@ -231,7 +249,8 @@ NON_NEGATIVE = {
     "lora.dropout", "data.max_train_examples", "data.eval_examples", "distill.epochs",
     "distill.kd_lambda", "distill.top_k", "distill.ce_weight", "run.eval_batch_size",
     "model.slm_keep_first", "model.slm_keep_last", "client.weight_decay", "run.seed",
-    "run.eval_every", "federation.max_client_examples",
+    "run.eval_every", "federation.max_client_examples", "privacy.noise_multiplier", "privacy.clipping_norm",
+    "privacy.target_epsilon",
 }
 
 
@@ -344,8 +363,37 @@ def _validate(cfg: Config) -> None:
     if cfg.federation.min_clients > cfg.data.num_clients:
         raise FedCoLLMError(f"config: federation.min_clients = {cfg.federation.min_clients} exceeds "
                             f"data.num_clients = {cfg.data.num_clients}")
+    _validate_privacy(cfg)
     if cfg.preset not in PRESETS:
         raise FedCoLLMError(f"config: preset = {cfg.preset!r} is not one of {', '.join(PRESETS)}")
+
+
+def _validate_privacy(cfg: Config) -> None:
+    """Settings under which the (ε, δ) guarantee would not hold are refused."""
+    p, f = cfg.privacy, cfg.federation
+    if p.mode == "off":
+        return
+    if p.clipping_norm <= 0:
+        raise FedCoLLMError(f"config: privacy.mode = {p.mode!r} needs privacy.clipping_norm > 0 "
+                            "(without clipping an update's influence is unbounded: no guarantee)")
+    if p.noise_multiplier and p.target_epsilon:
+        raise FedCoLLMError("config: set privacy.noise_multiplier or privacy.target_epsilon, not both")
+    if not p.noise_multiplier and not p.target_epsilon:
+        raise FedCoLLMError(f"config: privacy.mode = {p.mode!r} with noise 0 gives ε = ∞; set "
+                            "privacy.noise_multiplier > 0 or a finite privacy.target_epsilon > 0")
+    if not 0 < p.delta < 1:
+        raise FedCoLLMError(f"config: privacy.delta must be in (0, 1), got {p.delta}")
+    m = max(1, round(f.fraction_fit * cfg.data.num_clients))
+    if f.min_clients < m:
+        raise FedCoLLMError(f"config: privacy: federation.min_clients = {f.min_clients} would let a round average "
+                            f"fewer than the {m} sampled clients the noise is calibrated for; set "
+                            f"federation.min_clients = {m}")
+    if p.mode == "central-server-clipping" and f.secure_aggregation:
+        raise FedCoLLMError("config: privacy.mode = 'central-server-clipping' needs the server to see each update, "
+                            "which secure aggregation prevents; use 'central-client-clipping' with SecAgg+")
+    if f.transport != "fp32":
+        raise FedCoLLMError(f"config: privacy needs federation.transport = 'fp32' (got {f.transport!r}): the "
+                            "clipping bound must hold on the values sent, and a lossy encoding re-rounds them")
 
 
 def check_files(cfg: Config) -> None:

@@ -93,12 +93,17 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
         "| round | SLM acc | SLM acc_norm | LLM acc | LLM acc_norm | client loss | KD CE (LLM/SLM) | KD KL (LLM/SLM) | up B/client | down B/client |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    dp = summary.get("privacy")
+    if dp:  # ε after each round, as a last column
+        lines[-2] = lines[-2] + " ε |"
+        lines[-1] = lines[-1] + "---|"
     for r in rows:
         lines.append(
             f"| {r['round']} | {_pct(r, 'slm', 'acc')} | {_pct(r, 'slm', 'acc_norm')} | "
             f"{_pct(r, 'llm', 'acc')} | {_pct(r, 'llm', 'acc_norm')} | {_fmt(r.get('client_loss'))} | "
             f"{_fmt(r.get('kd_ce_llm'))}/{_fmt(r.get('kd_ce_slm'))} | {_fmt(r.get('kd_kl_llm'))}/{_fmt(r.get('kd_kl_slm'))} | "
-            f"{_bytes(r.get('bytes_up_per_client'))} | {_bytes(r.get('bytes_down_per_client'))} |")
+            f"{_bytes(r.get('bytes_up_per_client'))} | {_bytes(r.get('bytes_down_per_client'))} |"
+            + (f" {_fmt(r.get('epsilon'))} |" if dp else ""))
     lines += [
         "", "## Communication", "",
         f"- adapter parameters: {c['adapter_params']:,} (SLM without adapter: {c['full_slm_params']:,})",
@@ -107,6 +112,7 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
         f"- full SLM in fp32: {c['full_slm_fp32_bytes']:,} bytes; per client and round, up "
         f"{100 * c['up_ratio_to_fp32_slm']:.3f}% and down {100 * c['down_ratio_to_fp32_slm']:.3f}% of it",
         f"- secure aggregation: {_secure_line(summary['secure_aggregation'])}",
+        f"- differential privacy: {_privacy_line(dp)}",
         "", f"Models: LLM `{summary['llm_model'] or 'none (no KD on the server)'}`, SLM `{summary['slm_model']}`; "
         f"{summary['num_clients']} clients; wall time {summary['wall_s']:.0f} s.",
         f"Devices: server {summary.get('server_device', '?')}; clients "
@@ -115,6 +121,15 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
     if summary.get("stopped"):
         lines += ["", f"**Stopped early:** {summary['stopped']} (adapters are from the last good round)."]
     return "\n".join(lines) + "\n"
+
+
+def _privacy_line(dp) -> str:
+    if not dp:
+        return "off"
+    return (f"{dp['mode']}, clipping norm C = {dp['clipping_norm']:g}, noise multiplier σ = {dp['noise_multiplier']:.4g} "
+            f"(std {dp['noise_std_on_mean']:.3g} on the mean of {dp['clients_per_round']} clients, sample rate "
+            f"{dp['sample_rate']:g}); (ε, δ) = ({dp['epsilon']:.3g}, {dp['delta']:g}) after the last round, "
+            f"client level, {dp['accountant']}")
 
 
 def _client_devices(rows: list[dict]) -> list[str]:

@@ -14,7 +14,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedcollm import components
 from fedcollm.config import Config
 from fedcollm.errors import FedCoLLMError
-from fedcollm.federated import transport
+from fedcollm.federated import privacy, transport
 from fedcollm.federated.app_config import config_from_run_config
 from fedcollm.federated.secagg import check_in_range
 from fedcollm.models.lora import adapter_to_ndarrays, load_adapter_ndarrays
@@ -44,9 +44,11 @@ class SLMClient(NumPyClient):
             torch.set_num_threads(cfg.federation.client_cpus)
         model = components.cached_client_slm(cfg)
         examples = self.examples()
+        # Its FedAvg weight: its example count, or 1 for every client under differential privacy.
+        weight = 1 if config.get("uniform_weights") else len(examples)
         cap = int(config.get("max_examples", 0))
-        if cap and len(examples) > cap:  # the server would reject (or SecAgg+ overflow) this weight
-            raise FedCoLLMError(f"client {self.partition_id}: {len(examples)} training examples exceed the "
+        if cap and weight > cap:  # the server would reject (or SecAgg+ overflow) this weight
+            raise FedCoLLMError(f"client {self.partition_id}: {weight} training examples exceed the "
                                 f"server's federation.max_client_examples = {cap}")
         load_adapter_ndarrays(model, transport.decode(parameters, cfg.federation.transport))
         rnd = int(config.get("round", 0))
@@ -59,7 +61,7 @@ class SLMClient(NumPyClient):
         print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "
               f"loss {stats['loss']:.3f} on {components.device_of(cfg)}", flush=True)
         metrics = {"loss": float(stats["loss"]), "steps": int(stats["steps"]), "partition": self.partition_id,
-                   "device": str(components.device_of(cfg))}
+                   "device": str(components.device_of(cfg)), "examples": len(examples)}
         wire = transport.encode(arrays, cfg.federation.transport)
         if cfg.federation.secure_aggregation:
             # SecAgg+ quantizes in the input's dtype (fp16 overflows) and sums across clients
@@ -69,7 +71,7 @@ class SLMClient(NumPyClient):
             check_in_range(wire, cfg.federation.secagg_clipping_range, f"client {self.partition_id}")
             # SecAgg+ rounds stochastically with numpy's global RNG right after this returns.
             np.random.seed(seed % 2**32)
-        return wire, len(examples), metrics
+        return wire, weight, metrics
 
 
 def secure_aggregation_mod(msg, context, call_next):
@@ -93,6 +95,7 @@ def make_client_app(cfg: Config | None = None, extra_mods=()) -> ClientApp:
     """A ClientApp bound to `cfg`, or (None) reading it from the run config (`flwr run`).
 
     extra_mods run outermost (tests use one to inject faults at a given protocol stage).
+    privacy.clipping_mod clips only when the server's DP wrapper asks it to (fit config).
     """
 
     def client_fn(context):
@@ -100,7 +103,8 @@ def make_client_app(cfg: Config | None = None, extra_mods=()) -> ClientApp:
         own = str(context.node_config.get("train-file", ""))
         return SLMClient(c, partition_of(context, c.data.num_clients), own).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*extra_mods, secure_aggregation_mod])
+    # Order matters: DP clipping acts on the update before SecAgg+ masks it.
+    return ClientApp(client_fn=client_fn, mods=[*extra_mods, secure_aggregation_mod, privacy.clipping_mod])
 
 
 app = make_client_app()

@@ -64,12 +64,22 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
         "slm_model": cfg.model.slm or f"{cfg.model.llm} layers 0-{cfg.model.slm_keep_first - 1} + last {cfg.model.slm_keep_last}",
         "secure_aggregation": secure or False, "seed": cfg.run.seed, "stopped": strategy.stopped,
         "failed_rounds": recorder.failed, "config_digest": cfg.digest(), "wall_s": time.time() - t0,
-        "server_device": str(strategy.device), "code_version": code_version(), "items": strategy.last_items})
+        "server_device": str(strategy.device), "code_version": code_version(),
+        "privacy": _privacy_summary(strategy, recorder.rows), "items": strategy.last_items})
     write_outputs(out, recorder.rows, summary, _command())
     if strategy.stopped:
         raise FedCoLLMError(f"run stopped in round {strategy.failed_round}: {strategy.stopped}; "
                             f"outputs from the last good round are in {out}")
     return summary
+
+
+def _privacy_summary(strategy: FedCoLLMStrategy, rows: list[dict]) -> dict | bool:
+    """The DP settings, ε after every completed round, and ε at the end (False when off)."""
+    if strategy.privacy is None:
+        return False
+    per_round = {r["round"]: r["epsilon"] for r in rows if "epsilon" in r}
+    return {**strategy.privacy.describe(), "epsilon_per_round": per_round,
+            "epsilon": per_round[max(per_round)] if per_round else 0.0}
 
 
 def _command() -> str:

@@ -1,11 +1,13 @@
-"""FedCoLLM's server round on top of Flower's FedAvg: validate → aggregate → mutual KD → broadcast.
+"""FedCoLLM's server round: validate → average (Flower's FedAvg, optionally inside Flower's DP
+wrapper) → mutual KD → broadcast.
 
 `aggregate_fit` gets the client adapters (or, with SecAgg+, only their already-unmasked
-weighted mean, the same for every result), decodes and validates them, averages the valid ones
-with Flower's FedAvg arithmetic, then runs mutual KD between the LLM and the aggregated SLM on the auxiliary
-data; what it returns is the adapter broadcast next round. `evaluate` scores the global SLM and
-the LLM after every round (round 0 is zero-shot), writes the round's metrics line and a
-checkpoint.
+weighted mean, the same for every result), decodes and validates them, hands the valid ones to
+the averaging strategy — `Averager`, Flower's FedAvg arithmetic, wrapped by Flower's
+differential-privacy strategy when `privacy.mode` is on, which clips and adds noise around it —
+and then runs mutual KD between the LLM and the aggregated SLM on the auxiliary data; what it
+returns is the adapter broadcast next round. `evaluate` scores the global SLM and the LLM after
+every round (round 0 is zero-shot), writes the round's metrics line and a checkpoint.
 
 A round with fewer than `min_clients` valid updates (clients crashed, timed out, were
 rejected, or SecAgg+ halted below its threshold) keeps the previous global adapter, is logged
@@ -26,7 +28,7 @@ import time
 import numpy as np
 import torch
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.strategy import FedAvg
+from flwr.server.strategy import FedAvg, Strategy
 from flwr.server.strategy.aggregate import aggregate
 from tqdm.auto import tqdm
 
@@ -35,7 +37,7 @@ from fedcollm.config import Config
 from fedcollm.crash import maybe_kill
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import evaluate
-from fedcollm.federated import transport
+from fedcollm.federated import privacy, transport
 from fedcollm.federated.validate import update_problem
 from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, load_adapter_ndarrays
 from fedcollm.report import Recorder
@@ -60,8 +62,23 @@ def max_client_examples(cfg: Config, data: components.ServerData) -> int:
     return max(data.client_sizes)
 
 
-class FedCoLLMStrategy(FedAvg):
+class Averager(FedAvg):
+    """Sampling and the mean of the (already validated) client adapters: FedAvg's example
+    weights, or equal weights under differential privacy. This is the strategy Flower's DP
+    wrappers wrap: they clip around it and add noise to what it returns."""
+
+    def __init__(self, decode, uniform: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.decode, self.uniform = decode, uniform
+
+    def aggregate_fit(self, server_round, results, failures):
+        pairs = [(self.decode(res), 1 if self.uniform else res.num_examples) for _, res in results]
+        return ndarrays_to_parameters(aggregate(pairs)), {}
+
+
+class FedCoLLMStrategy(Strategy):
     def __init__(self, cfg: Config, recorder: Recorder, grid=None, resume: dict | None = None):
+        super().__init__()
         self.offset = resume["round"] if resume else 0
         self.cfg = cfg
         self.recorder = recorder
@@ -69,12 +86,19 @@ class FedCoLLMStrategy(FedAvg):
         self.device = components.device_of(cfg)
         self.tokenizer = components.tokenizer(cfg)
         self.data = components.server_data(cfg)
-        self.max_examples = max_client_examples(cfg, self.data)
-        super().__init__(
-            fraction_fit=cfg.federation.fraction_fit, fraction_evaluate=0.0,
-            min_fit_clients=cfg.federation.min_clients, min_available_clients=cfg.federation.min_clients,
-            min_evaluate_clients=0,
-            on_fit_config_fn=lambda rnd: {"round": rnd + self.offset, "max_examples": self.max_examples})
+        self.privacy = privacy.resolve(cfg)
+        # Under DP every client weighs 1 (SecAgg+'s max_weight too); else its example count, capped.
+        self.max_examples = 1 if self.privacy else max_client_examples(cfg, self.data)
+        # Under DP, clipping to C bounds every update (server-side mode clips after this check).
+        self.max_update_norm = float("inf") if self.privacy else cfg.federation.max_update_norm
+        f = cfg.federation
+        self.averager = Averager(
+            self._decode, uniform=self.privacy is not None,
+            fraction_fit=f.fraction_fit, fraction_evaluate=0.0, min_fit_clients=f.min_clients,
+            min_available_clients=f.min_clients, min_evaluate_clients=0,
+            on_fit_config_fn=lambda rnd: {"round": rnd + self.offset, "max_examples": self.max_examples,
+                                          "uniform_weights": self.privacy is not None})
+        self.aggregator = privacy.wrap(self.averager, self.privacy)
         # No KD (the FedAvg baseline): the server holds no LLM at all.
         self.llm = components.build_llm(cfg) if cfg.distill.enabled else None
         self.slm = components.build_slm(cfg)
@@ -95,7 +119,7 @@ class FedCoLLMStrategy(FedAvg):
                                unit="round", disable=not cfg.run.progress)
 
     def __repr__(self) -> str:
-        return "FedCoLLMStrategy(FedAvg + server mutual KD)"
+        return f"FedCoLLMStrategy({self.aggregator!r} + server mutual KD)"
 
     def _broadcast(self):
         return ndarrays_to_parameters(transport.encode(adapter_to_ndarrays(self.slm), self.cfg.federation.transport))
@@ -109,6 +133,12 @@ class FedCoLLMStrategy(FedAvg):
     def initialize_parameters(self, client_manager):
         return self._broadcast()
 
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []  # the server scores the global models itself (evaluate)
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
     def configure_fit(self, server_round, parameters, client_manager):
         if self.stopped:
             return []
@@ -121,7 +151,7 @@ class FedCoLLMStrategy(FedAvg):
                             f"federation.min_clients = {f.min_clients}")
             self.sampled = 0
             return []
-        instructions = super().configure_fit(server_round, parameters, client_manager)
+        instructions = self.aggregator.configure_fit(server_round, parameters, client_manager)
         self.sampled = len(instructions)
         return instructions
 
@@ -132,8 +162,7 @@ class FedCoLLMStrategy(FedAvg):
         for proxy, res in results:
             try:
                 arrays = self._decode(res)
-                problem = update_problem(arrays, reference, res.num_examples, self.cfg.federation.max_update_norm,
-                                         self.max_examples)
+                problem = update_problem(arrays, reference, res.num_examples, self.max_update_norm, self.max_examples)
             except ValueError as e:
                 problem = str(e)
             if problem:
@@ -152,12 +181,26 @@ class FedCoLLMStrategy(FedAvg):
             self.stopped = (f"{len(accepted)} valid client updates, fewer than federation.min_clients = "
                             f"{self.cfg.federation.min_clients}")
             return None, {}
+        if self.privacy and len(accepted) < self.privacy.clients_per_round:
+            self.stopped = (f"{len(accepted)} valid client updates; differential privacy averages exactly the "
+                            f"{self.privacy.clients_per_round} sampled clients its noise is calibrated for")
+            return None, {}
         losses = [(r.num_examples, r.metrics.get("loss", float("nan"))) for _, r, _ in accepted]
         stats["client_loss"] = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
         stats["client_examples"] = [r.num_examples for _, r, _ in accepted]
         stats["client_devices"] = sorted({str(r.metrics["device"]) for _, r, _ in accepted if "device" in r.metrics})
-        # Flower's FedAvg arithmetic (example-weighted mean) on the decoded fp32 updates.
-        load_adapter_ndarrays(self.slm, aggregate([(arrays, r.num_examples) for _, r, arrays in accepted]))
+        # Flower's FedAvg arithmetic on the decoded fp32 updates; under DP, Flower's wrapper clips
+        # (server-side mode) and adds its noise, drawn from numpy's global RNG: seeded per round.
+        if self.privacy:
+            np.random.seed((self.cfg.run.seed * 7919 + rnd) % 2**32)
+        mean, _ = self.aggregator.aggregate_fit(server_round, [(p, r) for p, r, _ in accepted], failures)
+        if mean is None:  # Flower's DP wrappers refuse a round in which a client failed
+            self.stopped = (f"{len(failures)} client(s) failed; differential privacy averages exactly the "
+                            f"{self.privacy.clients_per_round} sampled clients its noise is calibrated for")
+            return None, {}
+        load_adapter_ndarrays(self.slm, parameters_to_ndarrays(mean))
+        if self.privacy:
+            stats["epsilon"] = self.privacy.epsilon_after(rnd)
         self.aggregated = True
         if self.llm is None:
             return self._broadcast(), {}
