@@ -183,11 +183,14 @@ def _print(report: dict) -> None:
             ("GPU busy, evaluator", "eval", "gpu_busy"), ("GPU busy, SFT", "sft", "gpu_busy"),
             ("GPU busy, KD", "kd", "gpu_busy")]
     print("| figure | " + " | ".join(f"{d} ({res[d]['dtype']})" for d in devs) + (" | ratio |" if len(devs) == 2 else " |"))
+    print("|---" * (len(devs) + 1 + (len(devs) == 2)) + "|")
     for label, part, key in rows:
         vals = [res[d][part].get(key) for d in devs]
         cells = ["–" if v is None else f"{v:,.1f}" if "busy" not in label else f"{100 * v:.0f}%" for v in vals]
-        ratio = f" | {vals[0] / vals[1]:.1f}×" if len(devs) == 2 and None not in vals and "busy" not in label else " | "
-        print(f"| {label} | " + " | ".join(cells) + ratio + " |")
+        ratio = ""
+        if len(devs) == 2:
+            ratio = f" {vals[0] / vals[1]:.1f}× |" if None not in vals and "busy" not in label else " – |"
+        print(f"| {label} | " + " | ".join(cells) + " |" + ratio)
     for d in devs:
         r = res[d]
         mem = f"peak GPU memory {r['peak_gpu_memory_mb']:,.0f} MB, " if "peak_gpu_memory_mb" in r else ""
