@@ -5,17 +5,27 @@ from __future__ import annotations
 import sys
 
 from flwr.common import parameters_to_ndarrays
+from flwr.common.serde import message_to_proto, recorddict_to_proto
 from ray import cloudpickle
 
 from fedcollm.runs.simulation import run_simulation
 
 
+def _sizes(msg) -> dict:
+    """A reply's size as serialized for the wire (Flower's protobuf), its content alone, and the
+    raw bytes of the arrays it carries."""
+    return {"wire": len(message_to_proto(msg).SerializeToString()),
+            "payload": len(recorddict_to_proto(msg.content).SerializeToString()),
+            "arrays": sum(a.numpy().nbytes for rec in msg.content.array_records.values() for a in rec.values())}
+
+
 def simulate(cfg, extra_mods=()) -> dict:
     """Run cfg; return per round the (num_examples, partition, arrays) the strategy's
-    aggregate_fit got, and every reply message the server received. Run errors propagate."""
+    aggregate_fit got, every reply message the server received, and the sizes of those that
+    carried arrays. Run errors propagate."""
     for mod in extra_mods:  # Ray workers cannot import test modules: ship their code by value
         cloudpickle.register_pickle_by_value(sys.modules[mod.__module__])
-    seen: dict = {"fit_inputs": {}, "replies": []}
+    seen: dict = {"fit_inputs": {}, "replies": [], "reply_sizes": []}
 
     def observe(strategy, grid):
         aggregate_fit, send_and_receive = strategy.aggregate_fit, grid.send_and_receive
@@ -29,6 +39,8 @@ def simulate(cfg, extra_mods=()) -> dict:
         def record_replies(messages, *, timeout=None):
             replies = send_and_receive(messages, timeout=timeout)
             seen["replies"].extend(replies)
+            # Sizes now: Flower's workflow empties a reply's arrays once it has read them.
+            seen["reply_sizes"].extend(_sizes(r) for r in replies if r.has_content() and r.content.array_records)
             return replies
 
         strategy.aggregate_fit = record_fit

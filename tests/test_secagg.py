@@ -53,7 +53,9 @@ def _weighted_mean(updates):
 @pytest.fixture(scope="module")
 def plain_round(smoke_cfg_module, tmp_path_factory):
     """Round-1 client updates in the clear (plain FedAvg), for reference."""
-    seen = simulate(_one_round(smoke_cfg_module, tmp_path_factory.mktemp("plain"), secure=False))
+    out = tmp_path_factory.mktemp("plain")
+    seen = simulate(_one_round(smoke_cfg_module, out, secure=False))
+    _assert_counted_bytes_are_the_wire_size(seen, out)  # fp32
     return {part: (n, arrs) for n, part, arrs in seen["fit_inputs"][1]}
 
 
@@ -103,13 +105,26 @@ def test_secure_aggregate_equals_weighted_fedavg_and_server_is_blind(smoke_cfg_m
     assert summary["secure_aggregation"]["max_abs_error_bound"] == pytest.approx(bound)
 
 
+def _assert_counted_bytes_are_the_wire_size(seen: dict, out: Path) -> None:
+    """The bytes the report counts up per client are those of the reply messages as Flower
+    serializes them for the wire (its protobuf form), less only the message's metadata."""
+    sizes = seen["reply_sizes"]
+    assert len(sizes) == 4
+    counted = json.loads((out / "summary.json").read_text())["comm"]["bytes_up_per_client_round"]
+    assert counted == pytest.approx(sum(s["payload"] for s in sizes) / len(sizes))
+    assert all(0 < s["wire"] - s["payload"] < 1024 for s in sizes)  # the rest is metadata
+    assert all(s["arrays"] < s["payload"] < s["arrays"] * 1.05 + 4096 for s in sizes)  # adapter + a little framing
+
+
 @pytest.mark.parametrize("transport", ["fp16", "int8"])
 def test_secure_aggregation_with_every_transport_equals_the_plain_runs_mean(smoke_cfg_module, tmp_path, transport):
     """SecAgg+ once averaged garbage with fp16 (it quantizes in the input's dtype) and refused
     int8: now the clients hand it the transport's values in fp32, and the aggregate equals the
     plain run's weighted mean of the decoded updates within SecAgg+'s bound."""
     base = _with(smoke_cfg_module, transport=transport)
-    plain = simulate(_one_round(base, tmp_path / "plain", secure=False))["fit_inputs"][1]
+    plain_seen = simulate(_one_round(base, tmp_path / "plain", secure=False))
+    _assert_counted_bytes_are_the_wire_size(plain_seen, tmp_path / "plain")
+    plain = plain_seen["fit_inputs"][1]
     decoded = [(n, p, decode(arrs, transport)) for n, p, arrs in plain]
     expected = _weighted_mean(decoded)
     cfg = _one_round(base, tmp_path / "secure", secure=True)

@@ -127,7 +127,8 @@ def _federated(**distill) -> Callable[[Config, Path], Result]:
         items = summary.get("items", {})
         return {**{m: summary[m] and {**summary[m], **items.get(m, {})} for m in ("slm", "llm")},
                 "comm": summary["comm"], "wall_s": summary["wall_s"], "run_dir": str(workdir),
-                "code_version": summary.get("code_version"), "aux_examples": summary.get("aux_examples")}
+                "code_version": summary.get("code_version"), "aux_examples": summary.get("aux_examples"),
+                "privacy": summary.get("privacy", False)}
 
     return run
 

@@ -189,6 +189,9 @@ class FedCoLLMStrategy(Strategy):
         stats["client_loss"] = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
         stats["client_examples"] = [r.num_examples for _, r, _ in accepted]
         stats["client_devices"] = sorted({str(r.metrics["device"]) for _, r, _ in accepted if "device" in r.metrics})
+        if not self.cfg.federation.secure_aggregation:  # ‖θ_k − θ_global‖ per client (e.g. to choose a DP clip)
+            stats["update_norms"] = [float(np.sqrt(sum(np.sum(np.square(a.astype(np.float64) - g))
+                                                       for a, g in zip(arrays, reference)))) for _, _, arrays in accepted]
         # Flower's FedAvg arithmetic on the decoded fp32 updates; under DP, Flower's wrapper clips
         # (server-side mode) and adds its noise, drawn from numpy's global RNG: seeded per round.
         if self.privacy:
