@@ -28,7 +28,7 @@ import torch
 
 from fedcollm.config import Config
 from fedcollm.data.encode import Encoded, encode_for_training
-from fedcollm.data.loaders import load_eval, load_train, read_jsonl
+from fedcollm.data.loaders import load_eval, load_train, read_jsonl, style_of
 from fedcollm.data.partition import Split, split_indices
 from fedcollm.data.records import MCQRecord
 from fedcollm.errors import FedCoLLMError
@@ -98,7 +98,7 @@ def server_data(cfg: Config) -> ServerData:
         evals = random.Random(EVAL_SUBSET_SEED).sample(evals, cfg.data.eval_examples)
     requests = encode_requests(tokenizer(cfg), evals, cfg.data.max_length)
     if cfg.data.aux_file:
-        return ServerData(_encode(cfg, read_jsonl(cfg.data.aux_file)), evals, requests, None)
+        return ServerData(_encode(cfg, read_jsonl(cfg.data.aux_file, style_of(cfg.data))), evals, requests, None)
     train, split = train_split(cfg)
     return ServerData(_encode(cfg, [train[i] for i in split.aux]), evals, requests,
                       tuple(len(part) for part in split.clients))
@@ -114,7 +114,7 @@ def client_examples(cfg: Config, partition_id: int) -> list[Encoded]:
 @functools.lru_cache(maxsize=2)
 def own_examples(cfg: Config, path: str) -> list[Encoded]:
     """All of a SuperNode's own data file, for a client that holds its data itself."""
-    return _encode(cfg, read_jsonl(path))
+    return _encode(cfg, read_jsonl(path, style_of(cfg.data)))
 
 
 def _check_same_tokenizer(cfg: Config) -> None:
