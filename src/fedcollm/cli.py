@@ -11,7 +11,7 @@ from fedcollm.errors import FedCoLLMError
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file")
-    p.add_argument("--preset", help="default | smoke")
+    p.add_argument("--preset", help="default | cpu-pair | smoke")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set federation.rounds=5 (repeatable)")
     p.add_argument("--out", help="output directory (run.out_dir)")
