@@ -31,7 +31,7 @@ def train(cfg, threads: int, steps: int, seed: int, barrier, out) -> None:
     part = components.client_examples(cfg, seed % cfg.data.num_clients)
     examples = (part * (1 + steps * cfg.client.batch_size // len(part)))[: steps * cfg.client.batch_size]
     model = components.build_slm(cfg)
-    pad = components.tokenizer(cfg).pad_token_id
+    pad = components.pad_id(cfg, "slm")
     sft(model, examples[: cfg.client.batch_size], epochs=1, lr=cfg.client.lr, batch_size=cfg.client.batch_size,
         pad_id=pad, seed=seed, device=components.device_of(cfg))  # warm-up step
     barrier.wait()  # parallel workers start their timed steps together

@@ -31,7 +31,7 @@ def bare_loop(cfg) -> tuple[float, int]:
     torch.set_num_threads(os.cpu_count() or 1)
     model = components.build_slm(cfg)
     initial = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
-    pad = components.tokenizer(cfg).pad_token_id
+    pad = components.pad_id(cfg, "slm")
     t0, steps = time.perf_counter(), 0
     for k in range(cfg.data.num_clients):
         part = components.client_examples(cfg, k)

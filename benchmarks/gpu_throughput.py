@@ -76,7 +76,7 @@ def measure(device_name: str, eval_items: int, train_examples: int) -> dict:
     from fedcollm import components  # noqa: PLC0415
     from fedcollm.config import load_config  # noqa: PLC0415
     from fedcollm.eval.mcq import evaluate  # noqa: PLC0415
-    from fedcollm.train.distill import mutual_distill  # noqa: PLC0415
+    from fedcollm.train.distill import AuxSet, mutual_distill  # noqa: PLC0415
     from fedcollm.train.sft import sft  # noqa: PLC0415
 
     cfg = load_config(overrides=[f'model.device="{device_name}"', "data.max_train_examples=0",
@@ -86,17 +86,16 @@ def measure(device_name: str, eval_items: int, train_examples: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     data = components.server_data(cfg)
     llm, slm = components.build_llm(cfg), components.build_slm(cfg)
-    tok = components.tokenizer(cfg)
     res: dict = {"device": str(device), "dtype": str(components.dtype_of(cfg)), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(device)
 
-    eval_tokens = sum(len(r.context) + sum(len(c) for c in r.choices) for r in data.eval_requests)
+    eval_tokens = sum(len(r.context) + sum(len(c) for c in r.choices) for r in data.eval_requests["llm"])
     with GpuBusy() as busy:
         t0 = time.perf_counter()
-        for model in (slm, llm):
-            evaluate(model, tok, data.evals, max_length=cfg.data.max_length, batch_size=cfg.run.eval_batch_size,
-                     device=device, requests=data.eval_requests)
+        for name, model in (("slm", slm), ("llm", llm)):
+            evaluate(model, components.tokenizer(cfg, name), data.evals, max_length=cfg.data.max_length,
+                     batch_size=cfg.run.eval_batch_size, device=device, requests=data.eval_requests[name])
         _sync(device)
         secs = time.perf_counter() - t0
     res["eval"] = {"items": len(data.evals), "models": 2, "s": secs, "items_per_s": 2 * len(data.evals) / secs,
@@ -107,7 +106,7 @@ def measure(device_name: str, eval_items: int, train_examples: int) -> dict:
     with GpuBusy() as busy:
         t0 = time.perf_counter()
         stats = sft(slm, examples, epochs=1, lr=cfg.client.lr, batch_size=cfg.client.batch_size,
-                    pad_id=tok.pad_token_id, seed=0, device=device)
+                    pad_id=components.pad_id(cfg, "slm"), seed=0, device=device)
         _sync(device)
         secs = time.perf_counter() - t0
     res["sft"] = {"examples": len(examples), "steps": stats["steps"], "s": secs, "tokens_per_s": train_tokens / secs,
@@ -116,7 +115,7 @@ def measure(device_name: str, eval_items: int, train_examples: int) -> dict:
     kd_cfg = dataclasses.replace(cfg.distill, epochs=1)
     with GpuBusy() as busy:
         t0 = time.perf_counter()
-        stats = mutual_distill(llm, slm, examples, kd_cfg, pad_id=tok.pad_token_id, seed=0, device=device)
+        stats = mutual_distill(llm, slm, AuxSet.shared(examples, components.pad_id(cfg)), kd_cfg, seed=0, device=device)
         _sync(device)
         secs = time.perf_counter() - t0
     res["kd"] = {"examples": len(examples), "steps": stats["steps"], "s": secs, "tokens_per_s": train_tokens / secs,

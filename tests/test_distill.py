@@ -10,7 +10,7 @@ import torch
 from fedcollm import components
 from fedcollm.data.encode import collate
 from fedcollm.models.lora import adapter_state
-from fedcollm.train.distill import kd_kl, mutual_distill, mutual_kd_step
+from fedcollm.train.distill import AuxSet, kd_kl, mutual_distill, mutual_kd_step
 
 
 def _snapshot(model):
@@ -34,8 +34,8 @@ def test_kd_alone_updates_both_adapters(smoke_cfg):
     llm, slm = _models(smoke_cfg)
     data = components.server_data(smoke_cfg)
     b_llm, b_slm = _snapshot(llm), _snapshot(slm)
-    mutual_distill(llm, slm, data.aux[:4], _kd_only(smoke_cfg, batch_size=4),
-                   pad_id=components.tokenizer(smoke_cfg).pad_token_id, seed=0, device=torch.device("cpu"))
+    mutual_distill(llm, slm, AuxSet.shared(data.aux.llm[:4], components.pad_id(smoke_cfg)),
+                   _kd_only(smoke_cfg, batch_size=4), seed=0, device=torch.device("cpu"))
     assert _changed(b_llm, llm), "KL(SLM||LLM) did not reach the LLM adapter"
     assert _changed(b_slm, slm), "KL(LLM||SLM) did not reach the SLM adapter"
 
@@ -46,7 +46,7 @@ def test_one_way_kd_leaves_the_other_adapter(smoke_cfg, llm_dir, slm_dir):
     data = components.server_data(smoke_cfg)
     b_llm, b_slm = _snapshot(llm), _snapshot(slm)
     cfg = _kd_only(smoke_cfg, batch_size=4, llm_learns_from_slm=llm_dir, slm_learns_from_llm=slm_dir)
-    mutual_distill(llm, slm, data.aux[:4], cfg, pad_id=components.tokenizer(smoke_cfg).pad_token_id,
+    mutual_distill(llm, slm, AuxSet.shared(data.aux.llm[:4], components.pad_id(smoke_cfg)), cfg,
                    seed=0, device=torch.device("cpu"))
     assert _changed(b_llm, llm) == llm_dir
     assert _changed(b_slm, slm) == slm_dir
@@ -55,7 +55,7 @@ def test_one_way_kd_leaves_the_other_adapter(smoke_cfg, llm_dir, slm_dir):
 def test_gradient_of_kd_term_is_nonzero_in_both(smoke_cfg):
     llm, slm = _models(smoke_cfg)
     data = components.server_data(smoke_cfg)
-    batch = collate(data.aux[:4], components.tokenizer(smoke_cfg).pad_token_id)
+    batch = collate(data.aux.llm[:4], components.pad_id(smoke_cfg))
     loss, _ = mutual_kd_step(llm, slm, batch, _kd_only(smoke_cfg))
     loss.backward()
     for model in (llm, slm):
@@ -79,7 +79,7 @@ def test_topk_kl_matches_full_kl_when_k_is_the_vocabulary():
 def test_lambda_zero_is_sft_on_aux(smoke_cfg):
     llm, slm = _models(smoke_cfg)
     data = components.server_data(smoke_cfg)
-    batch = collate(data.aux[:4], components.tokenizer(smoke_cfg).pad_token_id)
+    batch = collate(data.aux.llm[:4], components.pad_id(smoke_cfg))
     cfg = dataclasses.replace(smoke_cfg.distill, kd_lambda=0.0)
     loss, parts = mutual_kd_step(llm, slm, batch, cfg)
     assert parts["kl_llm"] > 0 and parts["kl_slm"] > 0  # the terms exist but weigh nothing

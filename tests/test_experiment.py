@@ -13,6 +13,7 @@ import pytest
 
 from fedcollm import components
 from fedcollm.data.encode import encode_for_training
+from fedcollm.config import load_config
 from fedcollm.experiment import methods
 from fedcollm.experiment.methods import LABELS, METHODS
 from fedcollm.experiment.tables import claims, fmt_mean_std
@@ -20,14 +21,15 @@ from fedcollm.experiment.tables import claims, fmt_mean_std
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, mcq_files):
-    """Every method, 1 round on the smoke models (a real run of the CLI); then a rerun that adds
-    a seed to the in-process methods. Returns the first run's results and tables and both logs."""
+    """Every method, 1 round on the smoke models (a real run of the CLI, 2 jobs at a time, each in
+    its own process); then a rerun, one job at a time in-process, that adds a seed to the
+    in-process methods. Returns the first run's results and tables and both logs."""
     out = tmp_path_factory.mktemp("experiment")
     train, evals = mcq_files
     cmd = [sys.executable, "-m", "fedcollm.cli", "experiment", "--preset", "smoke", "--out", str(out),
            "--set", 'data.dataset="mcq_jsonl"', "--set", f'data.train_file="{train}"',
            "--set", f'data.eval_file="{evals}"', "--set", "federation.rounds=1", "--set", "run.progress=false"]
-    first = subprocess.run([*cmd, "--seeds", "0"], capture_output=True, text=True, timeout=900)
+    first = subprocess.run([*cmd, "--seeds", "0", "--jobs", "2"], capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     table = (out / "table1.md").read_text() + (out / "table2.md").read_text()
@@ -73,6 +75,21 @@ def test_rerun_computes_only_what_is_missing(experiment):
     table = (out / "table1.md").read_text()
     assert f"| {LABELS['standalone']} | {fmt_mean_std(accs)} |" in table  # mean ± std of 2 seeds
     assert " ± " in fmt_mean_std(accs)
+
+
+def test_jobs_in_their_own_processes_give_what_the_process_itself_computes(experiment, smoke_cfg, mcq_files):
+    """--jobs runs each job in a child process: the same adapters, bit for bit, as running the
+    method in this process."""
+    _, doc, _, _, _ = experiment
+    res = doc["results"]["mcq_jsonl"]
+    train, evals = mcq_files
+    cfg = load_config(preset="smoke", overrides=[
+        'data.dataset="mcq_jsonl"', f'data.train_file="{train}"', f'data.eval_file="{evals}"',
+        "federation.rounds=1", "run.progress=false"])
+    here = methods.standalone(cfg, None)
+    assert [c["adapter_sha256"] for c in here["clients"]] == \
+        [c["adapter_sha256"] for c in res["standalone"]["0"]["clients"]]
+    assert methods.centralized(cfg, None)["adapter_sha256"] == res["centralized"]["0"]["adapter_sha256"]
 
 
 def test_standalone_uses_no_other_clients_data(smoke_cfg, monkeypatch):

@@ -11,7 +11,7 @@ from fedcollm.errors import FedCoLLMError
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file")
-    p.add_argument("--preset", help="default | smoke")
+    p.add_argument("--preset", help="default | cpu-pair | smoke")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set federation.rounds=5 (repeatable)")
     p.add_argument("--out", help="output directory (run.out_dir)")
@@ -101,12 +101,13 @@ def cmd_experiment(args) -> int:
         if len(datasets) != 1:
             raise FedCoLLMError("--aux-fractions: name one dataset (--datasets)")
         run_aux_sizes(base, datasets[0], fractions, seeds, args.methods.split(",") if args.methods else ["fedcollm"],
-                      out, command, compute=not args.report_only, allow_mixed=args.allow_mixed_versions)
+                      out, command, compute=not args.report_only, allow_mixed=args.allow_mixed_versions,
+                      parallel=args.jobs)
         print(f"[fedcollm] {out}/aux_size.md, {out}/aux_size.png, {out}/aux_size.json")
         return 0
     methods = args.methods.split(",") if args.methods else list(METHODS)
     doc = run_experiment(base, datasets, seeds, methods, out, command,
-                         compute=not args.report_only, allow_mixed=args.allow_mixed_versions)
+                         compute=not args.report_only, allow_mixed=args.allow_mixed_versions, parallel=args.jobs)
     print(f"[fedcollm] {len(doc['results'])} dataset(s): {out}/table1.md, {out}/table2.md, {out}/results.json")
     return 0
 
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     p_exp.add_argument("--report-only", action="store_true",
                        help="write the tables from the cached results only; compute nothing")
+    p_exp.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="run N (method, seed) jobs at once, each in its own process (a large GPU: "
+                            "many small jobs side by side; mind its memory)")
     p_exp.add_argument("--aux-fractions", metavar="F,F,...",
                        help="the auxiliary part's share of the training split, e.g. 0.05,0.1,0.2,0.4: "
                             "writes aux_size.md/.png (default method: fedcollm)")

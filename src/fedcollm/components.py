@@ -4,6 +4,10 @@ The federated apps, the baselines and the tests all build their pieces here, so 
 gives the same split, the same token ids and the same initial adapters everywhere. Ray actors and
 the server keep these between rounds (no reload, no re-tokenization per round).
 
+Tokenizers: the LLM's, and the SLM's own when it comes from another source with another
+vocabulary (then every piece of data is tokenized for the model that reads it, and the server's
+KD aligns the two: train/align.py).
+
 Who holds which data:
 - the server (`server_data`): the auxiliary part and the evaluation split. With data.aux_file
   it never opens the training split; without, it reads the training file only to compute the
@@ -27,24 +31,26 @@ from dataclasses import dataclass
 import torch
 
 from fedcollm.config import Config
-from fedcollm.data.encode import Encoded, encode_for_training
-from fedcollm.data.loaders import load_eval, load_train, read_jsonl
+from fedcollm.data.encode import Encoded, encode_for_training, encode_pairs
+from fedcollm.data.loaders import load_eval, load_train, read_jsonl, style_of
 from fedcollm.data.partition import Split, split_indices
-from fedcollm.data.records import MCQRecord
+from fedcollm.data.records import MCQRecord, context, continuations
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import Request, encode_requests
 from fedcollm.models.loading import (
-    load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
+    cache_root, load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
 from fedcollm.models.lora import attach_lora
+from fedcollm.train.align import VocabMap
+from fedcollm.train.distill import AuxSet
 
 EVAL_SUBSET_SEED = 1234  # the same evaluation items for every run seed, so seeds are comparable
 
 
 @dataclass(frozen=True)
 class ServerData:
-    aux: list[Encoded]
+    aux: AuxSet  # as each model tokenizes it
     evals: list[MCQRecord]
-    eval_requests: list[Request]
+    eval_requests: dict[str, list[Request]]  # "llm" / "slm": each model's own tokenization
     # Example count of each client part where the server can compute the split; None when it has
     # only data.aux_file (then federation.max_client_examples bounds the weights).
     client_sizes: tuple[int, ...] | None
@@ -58,9 +64,35 @@ def dtype_of(cfg: Config) -> torch.dtype:
     return resolve_dtype(cfg.model.dtype, device_of(cfg))
 
 
-@functools.lru_cache(maxsize=4)
-def tokenizer(cfg: Config):
-    return load_tokenizer(cfg.model.llm, cfg.model.cache_dir)
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(source: str, cache_dir: str):
+    return load_tokenizer(source, cache_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _own_slm_tokenizer(slm: str, llm: str, cache_dir: str):
+    """The SLM source's tokenizer if its vocabulary differs from the LLM's, else None."""
+    own = _load_tokenizer(slm, cache_dir)
+    return None if own.get_vocab() == _load_tokenizer(llm, cache_dir).get_vocab() else own
+
+
+def tokenizer(cfg: Config, model: str = "llm"):
+    """The LLM's tokenizer, or (model="slm") the SLM's: the very same object unless the SLM has
+    its own source with another vocabulary."""
+    m = cfg.model
+    llm = _load_tokenizer(m.llm, m.cache_dir)
+    if model == "llm" or not m.slm or m.slm == m.llm:
+        return llm
+    return _own_slm_tokenizer(m.slm, m.llm, m.cache_dir) or llm
+
+
+def shares_tokenizer(cfg: Config) -> bool:
+    return tokenizer(cfg, "slm") is tokenizer(cfg)
+
+
+def pad_id(cfg: Config, model: str = "slm") -> int:
+    tok = tokenizer(cfg, model)
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
 def _held_out(records: list[MCQRecord], n: int) -> tuple[list[MCQRecord], list[MCQRecord]]:
@@ -84,8 +116,26 @@ def train_split(cfg: Config) -> tuple[list[MCQRecord], Split]:
     return train, split
 
 
-def _encode(cfg: Config, records: list[MCQRecord]) -> list[Encoded]:
-    return encode_for_training(tokenizer(cfg), records, cfg.data.max_length)
+def _encode(cfg: Config, records: list[MCQRecord], model: str = "slm") -> list[Encoded]:
+    return encode_for_training(tokenizer(cfg, model), records, cfg.data.max_length)
+
+
+def _aux_set(cfg: Config, records: list[MCQRecord]) -> AuxSet:
+    """The auxiliary records as the KD needs them: each model's tokenization of the correct
+    answers (with character spans when the tokenizers differ), and of every choice for
+    distill.level = choice."""
+    shared, n = shares_tokenizer(cfg), cfg.data.max_length
+    pairs = [(context(r), continuations(r)[r.answer]) for r in records]
+    llm = encode_pairs(tokenizer(cfg), pairs, n, with_spans=not shared)
+    slm = llm if shared else encode_pairs(tokenizer(cfg, "slm"), pairs, n, with_spans=True)
+    choices = {}
+    if cfg.distill.level == "choice":
+        for model in ("llm", "slm"):
+            flat = iter(encode_pairs(tokenizer(cfg, model), [(context(r), c) for r in records
+                                                             for c in continuations(r)], n))
+            choices[model] = [[next(flat) for _ in r.choices] for r in records]
+    return AuxSet(llm, slm, pad_id(cfg, "llm"), pad_id(cfg, "slm"), choices.get("llm"), choices.get("slm"),
+                  tuple(r.answer for r in records) if choices else None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,35 +146,38 @@ def server_data(cfg: Config) -> ServerData:
         evals = load_eval(cfg.data)
     if cfg.data.eval_examples and cfg.data.eval_examples < len(evals):
         evals = random.Random(EVAL_SUBSET_SEED).sample(evals, cfg.data.eval_examples)
-    requests = encode_requests(tokenizer(cfg), evals, cfg.data.max_length)
+    requests = {"llm": encode_requests(tokenizer(cfg), evals, cfg.data.max_length)}
+    requests["slm"] = requests["llm"] if shares_tokenizer(cfg) else \
+        encode_requests(tokenizer(cfg, "slm"), evals, cfg.data.max_length)
     if cfg.data.aux_file:
-        return ServerData(_encode(cfg, read_jsonl(cfg.data.aux_file)), evals, requests, None)
+        return ServerData(_aux_set(cfg, read_jsonl(cfg.data.aux_file, style_of(cfg.data))), evals, requests, None)
     train, split = train_split(cfg)
-    return ServerData(_encode(cfg, [train[i] for i in split.aux]), evals, requests,
+    return ServerData(_aux_set(cfg, [train[i] for i in split.aux]), evals, requests,
                       tuple(len(part) for part in split.clients))
 
 
 @functools.lru_cache(maxsize=8)
-def client_examples(cfg: Config, partition_id: int) -> list[Encoded]:
-    """One client's part of the split, tokenized (only that part)."""
+def client_examples(cfg: Config, partition_id: int, model: str = "slm") -> list[Encoded]:
+    """One client's part of the split, tokenized (only that part) for the SLM (or the LLM:
+    the centralized baseline)."""
     train, split = train_split(cfg)
-    return _encode(cfg, [train[i] for i in split.clients[partition_id]])
+    return _encode(cfg, [train[i] for i in split.clients[partition_id]], model)
 
 
 @functools.lru_cache(maxsize=2)
 def own_examples(cfg: Config, path: str) -> list[Encoded]:
     """All of a SuperNode's own data file, for a client that holds its data itself."""
-    return _encode(cfg, read_jsonl(path))
+    return _encode(cfg, read_jsonl(path, style_of(cfg.data)))
 
 
-def _check_same_tokenizer(cfg: Config) -> None:
-    if not cfg.model.slm or cfg.model.slm == cfg.model.llm:
-        return
-    a, b = tokenizer(cfg), load_tokenizer(cfg.model.slm, cfg.model.cache_dir)
-    if a.get_vocab() != b.get_vocab():
-        raise FedCoLLMError(
-            f"FedCoLLM's KD needs one tokenizer: the LLM {cfg.model.llm!r} ({len(a)} tokens) and the "
-            f"SLM {cfg.model.slm!r} ({len(b)} tokens) differ; token alignment is not supported yet")
+@functools.lru_cache(maxsize=2)
+def vocab_maps(cfg: Config) -> tuple[VocabMap, VocabMap] | None:
+    """(LLM → SLM, SLM → LLM) token maps for token-level KD across tokenizers; None with one."""
+    if shares_tokenizer(cfg) or cfg.distill.level != "token":
+        return None
+    folder = cache_root(cfg.model.cache_dir) / "vocab-maps"
+    return (VocabMap(tokenizer(cfg), tokenizer(cfg, "slm"), folder),
+            VocabMap(tokenizer(cfg, "slm"), tokenizer(cfg), folder))
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -152,7 +205,6 @@ def llm_base(cfg: Config) -> torch.nn.Module:
 
 def slm_base(cfg: Config) -> torch.nn.Module:
     """The SLM without adapter: a depth-pruned copy of the LLM, or its own source."""
-    _check_same_tokenizer(cfg)
     m = cfg.model
     if m.slm:
         return load_base_model(m.slm, dtype_of(cfg), m.cache_dir).to(device_of(cfg))

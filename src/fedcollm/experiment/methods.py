@@ -40,12 +40,13 @@ from fedcollm.train.sft import sft
 Result = dict  # {"slm": {"acc", "acc_norm"} | None, "llm": ... | None, extra keys per method}
 
 
-def _scores(model, cfg: Config, desc: str) -> dict:
-    """acc, acc_norm, n and which evaluation items were right (`correct`, `correct_norm`)."""
+def _scores(model, cfg: Config, which: str, desc: str) -> dict:
+    """acc, acc_norm, n and which evaluation items were right (`correct`, `correct_norm`) of the
+    SLM or LLM (`which`: its own tokenizer)."""
     data = components.server_data(cfg)
-    return evaluate(model, components.tokenizer(cfg), data.evals, max_length=cfg.data.max_length,
+    return evaluate(model, components.tokenizer(cfg, which), data.evals, max_length=cfg.data.max_length,
                     batch_size=cfg.run.eval_batch_size, device=components.device_of(cfg),
-                    progress=cfg.run.progress, desc=desc, requests=data.eval_requests)
+                    progress=cfg.run.progress, desc=desc, requests=data.eval_requests[which])
 
 
 def adapter_digest(model) -> str:
@@ -61,16 +62,16 @@ def _train_epochs(cfg: Config) -> int:
     return cfg.federation.rounds * cfg.client.local_epochs
 
 
-def _sft(model, examples, cfg: Config, seed: int, desc: str) -> dict:
+def _sft(model, examples, cfg: Config, which: str, seed: int, desc: str) -> dict:
     c = cfg.client
     return sft(model, examples, epochs=_train_epochs(cfg), lr=c.lr, batch_size=c.batch_size,
-               pad_id=components.tokenizer(cfg).pad_token_id, seed=seed, device=components.device_of(cfg),
+               pad_id=components.pad_id(cfg, which), seed=seed, device=components.device_of(cfg),
                weight_decay=c.weight_decay, progress=cfg.run.progress, desc=desc)
 
 
 def zero_shot(cfg: Config, workdir: Path) -> Result:
-    return {"slm": _scores(components.build_slm(cfg), cfg, "zero-shot SLM"),
-            "llm": _scores(components.build_llm(cfg), cfg, "zero-shot LLM")}
+    return {"slm": _scores(components.build_slm(cfg), cfg, "slm", "zero-shot SLM"),
+            "llm": _scores(components.build_llm(cfg), cfg, "llm", "zero-shot LLM")}
 
 
 def standalone(cfg: Config, workdir: Path) -> Result:
@@ -79,9 +80,9 @@ def standalone(cfg: Config, workdir: Path) -> Result:
     for k in range(cfg.data.num_clients):
         examples = components.client_examples(cfg, k)
         model = components.build_slm(cfg)  # the same initial adapter FedCoLLM starts from
-        stats = _sft(model, examples, cfg, seed=cfg.run.seed * 1_000_003 + k, desc=f"standalone client {k}")
+        stats = _sft(model, examples, cfg, "slm", seed=cfg.run.seed * 1_000_003 + k, desc=f"standalone client {k}")
         clients.append({"client": k, "examples": len(examples), "steps": stats["steps"],
-                        "adapter_sha256": adapter_digest(model), **_scores(model, cfg, f"eval client {k}")})
+                        "adapter_sha256": adapter_digest(model), **_scores(model, cfg, "slm", f"eval client {k}")})
     mean = {m: sum(c[m] for c in clients) / len(clients) for m in ("acc", "acc_norm")}
     # Per item: the share of clients that got it right (a mean, like the accuracies above).
     for key in ("correct", "correct_norm"):
@@ -92,16 +93,17 @@ def standalone(cfg: Config, workdir: Path) -> Result:
 
 
 def centralized_examples(cfg: Config) -> list:
-    """The auxiliary part and every client part, pooled: all the training data of the split."""
-    return [*components.server_data(cfg).aux,
-            *(e for k in range(cfg.data.num_clients) for e in components.client_examples(cfg, k))]
+    """The auxiliary part and every client part, pooled (the LLM's tokenization): all the
+    training data of the split."""
+    return [*components.server_data(cfg).aux.llm,
+            *(e for k in range(cfg.data.num_clients) for e in components.client_examples(cfg, k, "llm"))]
 
 
 def centralized(cfg: Config, workdir: Path) -> Result:
     model = components.build_llm(cfg)
     examples = centralized_examples(cfg)
-    stats = _sft(model, examples, cfg, seed=cfg.run.seed * 1_000_003 + 999, desc="centralized LLM")
-    return {"slm": None, "llm": _scores(model, cfg, "eval centralized LLM"), "examples": len(examples),
+    stats = _sft(model, examples, cfg, "llm", seed=cfg.run.seed * 1_000_003 + 999, desc="centralized LLM")
+    return {"slm": None, "llm": _scores(model, cfg, "llm", "eval centralized LLM"), "examples": len(examples),
             "steps": stats["steps"], "adapter_sha256": adapter_digest(model)}
 
 

@@ -17,9 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
+import sys
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from fedcollm.config import Config
@@ -65,6 +69,29 @@ def _cached(folder: Path, seed_key: str, digest: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in paths]
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    cfg: Config
+    method: str
+    seed_key: str  # "0", "1", ... or "all" (seed-independent methods)
+    tag: str  # how the log names it
+    key: tuple  # where its result goes in the tables
+
+
+def run_in_child(cfg: Config, method: str, workdir: Path) -> dict:
+    """METHODS[method](cfg, workdir) in a fresh process (`python -m fedcollm.experiment.job`):
+    concurrent jobs must not share a process (models, Ray, the GPU's caching allocator)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_file, result_file = workdir.with_suffix(".job.toml"), workdir.with_suffix(".job.json")
+    config_file.write_text(cfg.to_toml())
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "fedcollm.experiment.job", str(config_file), method, str(workdir), str(result_file)]
+    code = subprocess.run(cmd).returncode
+    if code != 0 or not result_file.is_file():
+        raise FedCoLLMError(f"experiment: `{shlex.join(cmd)}` failed with exit code {code} (its log is above)")
+    return json.loads(result_file.read_text())
+
+
 @dataclasses.dataclass
 class Cache:
     """The experiment's result cache and its rule: one table, one code version."""
@@ -76,35 +103,62 @@ class Cache:
 
     def __post_init__(self):
         self.code = self.code or code_version()
+        self._lock = threading.Lock()  # concurrent jobs count their results
 
-    def get(self, cfg: Config, method: str, seed_key: str, tag: str) -> dict | None:
-        """The job's result: from the cache, or computed now (and cached), or None (report only)."""
-        dataset = cfg.data.dataset
-        folder = self.out / "cache" / dataset / method
-        cached = _cached(folder, seed_key, cfg.digest())
+    def lookup(self, job: Job) -> dict | None:
+        """The job's cached result that the table may use, or None."""
+        cached = _cached(self._folder(job), job.seed_key, job.cfg.digest())
         usable = cached if (self.allow_mixed or not self.compute) else [c for c in cached if version_of(c) == self.code]
-        if usable:
-            self.versions[version_of(usable[0])] += 1
-            print(f"{tag}: cached (code {version_of(usable[0])})", flush=True)
-            return usable[0]["result"]
-        if not self.compute:
-            print(f"{tag}: not computed yet (left out of the tables)", flush=True)
+        if not usable:
+            print(f"{job.tag}: " + ("not computed yet (left out of the tables)" if not self.compute else
+                                    "to run" + (" (cached results are of other code)" if cached else "")), flush=True)
             return None
-        print(f"{tag}: running" + (" (cached results are of other code)" if cached else ""), flush=True)
+        self.versions[version_of(usable[0])] += 1
+        print(f"{job.tag}: cached (code {version_of(usable[0])})", flush=True)
+        return usable[0]["result"]
+
+    def compute_job(self, job: Job, in_child: bool) -> dict:
+        """Run the job (here, or in a child process of its own), cache its result, return it."""
+        print(f"{job.tag}: running", flush=True)
         t0 = time.time()
-        workdir = self.out / "runs" / dataset / method / f"seed{seed_key}-{cfg.digest()}"
-        result = METHODS[method](cfg, workdir)
+        workdir = self.out / "runs" / job.cfg.data.dataset / job.method / f"seed{job.seed_key}-{job.cfg.digest()}"
+        result = run_in_child(job.cfg, job.method, workdir) if in_child else METHODS[job.method](job.cfg, workdir)
         if result.pop("code_version", self.code) != self.code:
             raise FedCoLLMError("experiment: the code changed while it ran (a child run reports another code "
                                 "version); restart it so that one table holds one code version")
         result["seconds"] = time.time() - t0
-        _write_atomic(folder / f"seed{seed_key}-{cfg.digest()}-{self.code}.json",
-                      {"dataset": dataset, "method": method, "seed": seed_key, "config_digest": cfg.digest(),
-                       "code_version": self.code, "git_commit": git_commit(), "result": result})
-        self.versions[self.code] += 1
-        print(f"{tag}: done in {result['seconds']:.0f} s: SLM {_acc(result['slm'])} LLM {_acc(result['llm'])}",
+        _write_atomic(self._folder(job) / f"seed{job.seed_key}-{job.cfg.digest()}-{self.code}.json",
+                      {"dataset": job.cfg.data.dataset, "method": job.method, "seed": job.seed_key,
+                       "config_digest": job.cfg.digest(), "code_version": self.code, "git_commit": git_commit(),
+                       "result": result})
+        with self._lock:
+            self.versions[self.code] += 1
+        print(f"{job.tag}: done in {result['seconds']:.0f} s: SLM {_acc(result['slm'])} LLM {_acc(result['llm'])}",
               flush=True)
         return result
+
+    def run(self, jobs: list[Job], parallel: int) -> dict:
+        """Every job's result by its key: cached ones, then the missing ones computed, `parallel`
+        at a time (each in its own process when more than one)."""
+        results, missing = {}, []
+        for job in jobs:
+            found = self.lookup(job)
+            if found is not None:
+                results[job.key] = found
+            elif self.compute:
+                missing.append(job)
+        if parallel <= 1:
+            for job in missing:
+                results[job.key] = self.compute_job(job, in_child=False)
+            return results
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = {pool.submit(self.compute_job, job, True): job for job in missing}
+            for future in as_completed(futures):  # a failed job raises here; finished ones stay cached
+                results[futures[future].key] = future.result()
+        return results
+
+    def _folder(self, job: Job) -> Path:
+        return self.out / "cache" / job.cfg.data.dataset / job.method
 
     def check_one_version(self) -> None:
         if len(self.versions) > 1 and not self.allow_mixed:
@@ -127,23 +181,26 @@ def _check_methods(methods: list[str]) -> None:
 
 
 def run_experiment(base: Config, datasets: list[str], seeds: list[int], methods: list[str], out: Path,
-                   command: str, compute: bool = True, allow_mixed: bool = False) -> dict:
-    """Run (or, compute=False, only collect from the cache) every job, then write the tables."""
+                   command: str, compute: bool = True, allow_mixed: bool = False, parallel: int = 1) -> dict:
+    """Run (or, compute=False, only collect from the cache) every job, `parallel` at a time, then
+    write the tables."""
     _check_methods(methods)
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out, compute, allow_mixed)
     # Seed by seed: an interrupted experiment leaves whole seeds (every method) rather than whole
     # methods (every seed), and the first seed's table is there early.
-    jobs = [(d, m, s) for d in datasets for s in seeds for m in methods
-            if m not in SEED_INDEPENDENT or s == seeds[0]]
-    results: dict = {d: {m: {} for m in methods} for d in datasets}
-    t_all = time.time()
-    for i, (dataset, method, seed) in enumerate(jobs, 1):
+    triples = [(d, m, s) for d in datasets for s in seeds for m in methods
+               if m not in SEED_INDEPENDENT or s == seeds[0]]
+    jobs = []
+    for i, (dataset, method, seed) in enumerate(triples, 1):
         seed_key = "all" if method in SEED_INDEPENDENT else str(seed)
-        tag = f"[experiment] ({i}/{len(jobs)}) {dataset} {method} seed {seed_key}"
-        result = cache.get(cfg_for(base, dataset, seed), method, seed_key, tag)
-        if result is not None:
-            results[dataset][method][seed_key] = result
+        jobs.append(Job(cfg_for(base, dataset, seed), method, seed_key,
+                        f"[experiment] ({i}/{len(triples)}) {dataset} {method} seed {seed_key}",
+                        (dataset, method, seed_key)))
+    t_all = time.time()
+    results: dict = {d: {m: {} for m in methods} for d in datasets}
+    for (dataset, method, seed_key), result in cache.run(jobs, parallel).items():
+        results[dataset][method][seed_key] = result
     cache.check_one_version()
     meta = cache.meta(command, base, seeds=seeds, datasets=datasets, methods=methods,
                       wall_s_this_invocation=time.time() - t_all)
@@ -151,21 +208,23 @@ def run_experiment(base: Config, datasets: list[str], seeds: list[int], methods:
 
 
 def run_aux_sizes(base: Config, dataset: str, fractions: list[float], seeds: list[int], methods: list[str],
-                  out: Path, command: str, compute: bool = True, allow_mixed: bool = False) -> dict:
+                  out: Path, command: str, compute: bool = True, allow_mixed: bool = False,
+                  parallel: int = 1) -> dict:
     """The paper's open question: accuracy against the auxiliary part's share of the training
     split. Writes aux_size.md, aux_size.json and aux_size.png."""
     _check_methods(methods)
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out, compute, allow_mixed)
-    results: dict = {str(f): {m: {} for m in methods} for f in fractions}
-    jobs = [(f, s, m) for s in seeds for f in fractions for m in methods]
-    for i, (fraction, seed, method) in enumerate(jobs, 1):
+    triples = [(f, s, m) for s in seeds for f in fractions for m in methods]
+    jobs = []
+    for i, (fraction, seed, method) in enumerate(triples, 1):
         cfg = cfg_for(base, dataset, seed)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, aux_fraction=fraction))
-        tag = f"[aux size] ({i}/{len(jobs)}) {dataset} aux {fraction:g} {method} seed {seed}"
-        result = cache.get(cfg, method, str(seed), tag)
-        if result is not None:
-            results[str(fraction)][method][str(seed)] = result
+        jobs.append(Job(cfg, method, str(seed), f"[aux size] ({i}/{len(triples)}) {dataset} aux {fraction:g} "
+                                                f"{method} seed {seed}", (str(fraction), method, str(seed))))
+    results: dict = {str(f): {m: {} for m in methods} for f in fractions}
+    for (fraction, method, seed_key), result in cache.run(jobs, parallel).items():
+        results[fraction][method][seed_key] = result
     cache.check_one_version()
     meta = cache.meta(command, base, dataset=dataset, fractions=fractions, seeds=seeds, methods=methods)
     return write_aux_size(out, results, meta)

