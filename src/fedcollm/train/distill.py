@@ -177,6 +177,15 @@ def kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device, maps=None) -> tu
     return aligned_kd_step(llm, slm, aux, idx, cfg, device, maps)
 
 
+def micro_batch(aux: AuxSet, cfg) -> int:
+    """Questions per forward pass. Choice-level KD runs every choice of a question through both
+    models with gradients, so a batch of distill.batch_size questions is split into passes of
+    about batch_size sequences (equal-weight gradient accumulation: the same step, less memory)."""
+    if cfg.level != "choice" or not aux.llm_choices:
+        return cfg.batch_size
+    return max(1, cfg.batch_size // max(len(cs) for cs in aux.llm_choices))
+
+
 def mutual_distill(llm, slm, aux: AuxSet, cfg, *, seed: int, device: torch.device, maps=None,
                    progress: bool = False) -> dict[str, float]:
     """Run cfg.epochs passes of mutual KD over the auxiliary examples; return mean loss parts.
@@ -193,11 +202,18 @@ def mutual_distill(llm, slm, aux: AuxSet, cfg, *, seed: int, device: torch.devic
     steps = 0
     n = len(aux.llm)
     bar = tqdm(total=cfg.epochs * num_batches(n, cfg.batch_size), desc="server KD", disable=not progress, leave=False)
+    micro = micro_batch(aux, cfg)
     for epoch in range(cfg.epochs):
         for idx in index_batches(n, cfg.batch_size, seed + epoch):
-            loss, parts = kd_step(llm, slm, aux, idx, cfg, device, maps)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            parts: dict[str, float] = {}
+            for start in range(0, len(idx), micro):  # gradients accumulate over the micro-batches
+                part = idx[start:start + micro]
+                loss, got = kd_step(llm, slm, aux, part, cfg, device, maps)
+                share = len(part) / len(idx)
+                (loss * share).backward()
+                for k, v in got.items():
+                    parts[k] = parts.get(k, 0.0) + share * v
             opt.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
