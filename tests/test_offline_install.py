@@ -65,3 +65,22 @@ def test_setup_offline_installs_from_a_wheelhouse_without_network(tmp_path):
     assert probe[0].startswith(str(checkout / "src"))  # the checkout itself, editable
     assert int(probe[1]) > 50_000_000  # the model's GGUF file arrived whole
     _run([str(checkout / ".venv" / "bin" / "fedcollm"), "--help"], timeout=120)
+
+
+def test_setup_offline_uses_the_packages_of_a_host_virtual_environment(tmp_path):
+    """GPU hosts often keep torch in a virtual environment of their own (/opt/torch/.venv on the
+    lent H200): `venv --system-site-packages` does not reach it, and the install failed there
+    ("No matching distribution found for torch"). This test's own interpreter plays that host."""
+    (tmp_path / "checkout").mkdir()
+    checkout = _checkout_copy(tmp_path / "checkout")
+    house = tmp_path / "wheels"
+    # The host has everything but the build backend, which pip's isolated build takes from here.
+    _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(house), "setuptools>=68"], timeout=600)
+    _run(["bash", "-c", f"cd {house} && sha256sum -- *.whl > SHA256SUMS"])
+    offline = _clean_env(PIP_NO_INDEX="1", PIP_FIND_LINKS="", http_proxy="http://127.0.0.1:9",
+                         https_proxy="http://127.0.0.1:9", PYTHON=sys.executable)
+    _run(["bash", str(checkout / "scripts" / "setup.sh"), "--offline", str(house)], env=offline, timeout=1200)
+    probe = _run([str(checkout / ".venv" / "bin" / "python"), "-c",
+                  "import torch, fedcollm; print(torch.__file__); print(fedcollm.__file__)"]).stdout.splitlines()
+    assert probe[0].startswith(sys.prefix), "torch comes from the host's environment"
+    assert probe[1].startswith(str(checkout / "src"))

@@ -37,6 +37,8 @@ def test_writes_every_output(smoke_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["clients_ok"] == 3 and r["kd_steps"] > 0 for r in rows[1:])
+    # The server's clock per round: the clients' part and the KD both fit inside the round.
+    assert all(r["round_s"] >= r["fit_s"] + r["kd_s"] > 0 and r["fit_s"] > 0 for r in rows[1:])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["dataset"] == "mcq_jsonl"
     assert summary["eval_examples"] == 12

@@ -113,6 +113,7 @@ class FedCoLLMStrategy(Strategy):
         self.failed_round: int | None = None
         self.aggregated = False  # this round produced a global adapter
         self.sampled = 0  # clients asked to fit this round
+        self.round_t0 = time.time()
         self.last_items: dict = {}  # per-item correctness of the last scoring (paired tests)
         self.rounds_bar = tqdm(total=cfg.federation.rounds, initial=self.offset, desc="rounds",
                                unit="round", disable=not cfg.run.progress)
@@ -141,6 +142,7 @@ class FedCoLLMStrategy(Strategy):
     def configure_fit(self, server_round, parameters, client_manager):
         if self.stopped:
             return []
+        self.round_t0 = time.time()  # for the row's fit_s (clients' work, as the server waits) and round_s
         k, f = self.cfg.data.num_clients, self.cfg.federation
         if not client_manager.wait_for(k, timeout=max(1, int(f.round_timeout))):
             print(f"[fedcollm] round {server_round + self.offset}: {client_manager.num_available()} of {k} "
@@ -171,7 +173,7 @@ class FedCoLLMStrategy(Strategy):
         # Arrival order varies from run to run; summing in client order keeps FedAvg bit-exact.
         accepted.sort(key=lambda a: (a[1].metrics.get("partition", -1), getattr(a[0], "node_id", 0)))
         stats: dict = {"clients_ok": len(accepted), "clients_failed": self.sampled - len(results),
-                       "rejected": rejected}
+                       "rejected": rejected, "fit_s": time.time() - self.round_t0}
         self.round_stats = stats
         for r in rejected:
             print(f"[fedcollm] round {rnd}: rejected the update of client {r['client']} "
@@ -234,6 +236,8 @@ class FedCoLLMStrategy(Strategy):
         load_adapter_ndarrays(self.slm, transport.decode(parameters_to_ndarrays(parameters), self.cfg.federation.transport))
         row = {"round": rnd, **(self._score(rnd) if self._scored(rnd) else {}), **self.round_stats,
                **(self._take_traffic() if server_round else {})}
+        if server_round:
+            row["round_s"] = time.time() - self.round_t0
         self.round_stats = {}
         self.recorder.add_round(row)
         llm_state = adapter_state(self.llm) if self.llm is not None else {}
