@@ -105,6 +105,18 @@ def cmd_experiment(args) -> int:
                       parallel=args.jobs)
         print(f"[fedcollm] {out}/aux_size.md, {out}/aux_size.png, {out}/aux_size.json")
         return 0
+    if args.traffic_grid:
+        from fedcollm.experiment.traffic import parse_grid, run_traffic  # noqa: PLC0415
+
+        points = parse_grid(args.traffic_grid)
+        for p in points:  # each point validated before anything runs
+            p.apply(base)
+        if args.methods and args.methods != "fedcollm":
+            raise FedCoLLMError("--traffic-grid runs FedCoLLM only: leave out --methods")
+        doc = run_traffic(base, datasets, seeds, points, out, command, compute=not args.report_only,
+                          allow_mixed=args.allow_mixed_versions, parallel=args.jobs)
+        print(f"[fedcollm] {out}/traffic.md, {out}/pareto.png, {out}/traffic.json; choice: {doc['choice']['label']}")
+        return 0
     methods = args.methods.split(",") if args.methods else list(METHODS)
     doc = run_experiment(base, datasets, seeds, methods, out, command,
                          compute=not args.report_only, allow_mixed=args.allow_mixed_versions, parallel=args.jobs)
@@ -173,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--aux-fractions", metavar="F,F,...",
                        help="the auxiliary part's share of the training split, e.g. 0.05,0.1,0.2,0.4: "
                             "writes aux_size.md/.png (default method: fedcollm)")
+    p_exp.add_argument("--traffic-grid", metavar="GRID",
+                       help="accuracy against traffic: FedCoLLM over e.g. 'modules=qv,qkvo,all;r=4,8,16;"
+                            "transport=fp32,fp16,int8' ('A | B': the union of two such grids); writes "
+                            "traffic.md, pareto.png and the cheapest setting within 1 point of the best")
     p_exp.add_argument("--allow-mixed-versions", action="store_true",
                        help="use cached results of other code versions as they are (the table says so)")
     p_exp.set_defaults(func=cmd_experiment)

@@ -338,7 +338,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
+def validate(cfg: Config) -> None:
     flat = {}
     for section, values in cfg.to_dict().items():
         if isinstance(values, dict):
@@ -463,5 +463,5 @@ def load_config(
     merged = _deep_merge(PRESETS[name], raw)
     merged["preset"] = name
     cfg = _build(Config, merged, "")
-    _validate(cfg)
+    validate(cfg)
     return cfg
