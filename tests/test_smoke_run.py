@@ -46,6 +46,7 @@ def test_writes_every_output(smoke_run):
         assert set(summary[model]) == {"acc", "acc_norm"}
         assert summary[model] == {k: rows[-1][model][k] for k in ("acc", "acc_norm")}
     assert "| 2 |" in (out / "report.md").read_text()
+    assert f"2: {rows[2]['round_s']:.0f} s (clients {rows[2]['fit_s']:.0f} s" in (out / "report.md").read_text()
     assert tomllib.loads((out / "config.toml").read_text())["data"]["num_clients"] == 3
 
 

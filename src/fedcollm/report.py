@@ -118,6 +118,11 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
         f"Devices: server {summary.get('server_device', '?')}; clients "
         f"{', '.join(_client_devices(rows)) or '?'} (as each client reported it).",
     ]
+    timed = [r for r in rows if "round_s" in r]
+    if timed:  # the server's clock: from sending the round's task to the round's row
+        lines.append("Round time: " + "; ".join(
+            f"{r['round']}: {r['round_s']:.0f} s (clients {r.get('fit_s', 0):.0f} s, KD {r.get('kd_s', 0):.0f} s, "
+            f"scoring {r.get('eval_s', 0):.0f} s)" for r in timed) + ".")
     if summary.get("stopped"):
         lines += ["", f"**Stopped early:** {summary['stopped']} (adapters are from the last good round)."]
     return "\n".join(lines) + "\n"
