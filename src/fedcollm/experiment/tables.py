@@ -180,7 +180,7 @@ def compute_time(results: dict, datasets: list[str]) -> list[str]:
     return lines
 
 
-def _code_line(meta: dict) -> str:
+def code_line(meta: dict) -> str:
     versions = meta.get("result_versions", {})
     listed = ", ".join(f"`{v}` ({n})" for v, n in versions.items()) or "–"
     line = (f"Code: results computed by code version {listed} (fedcollm.version: a digest of the package source); "
@@ -198,7 +198,7 @@ def table1(results: dict, meta: dict) -> str:
     lines = [
         "# Table 1: accuracy of the client SLM and the server LLM (%)", "",
         f"Command: `{meta['command']}`  ",
-        _code_line(meta),
+        code_line(meta),
         f"Seeds: {', '.join(map(str, meta['seeds']))} (mean ± sample std over seeds; each seed has its own "
         "split and initial adapters; zero-shot does not depend on the seed)  ",
         f"Models: LLM `{cfg['model']['llm']}`, SLM `{cfg['model']['slm'] or 'pruned LLM: first '}"
@@ -265,7 +265,7 @@ def write_tables(out: Path, results: dict, meta: dict) -> dict:
 def aux_size_table(results: dict, meta: dict) -> str:
     fractions, methods = meta["fractions"], meta["methods"]
     lines = [f"# Accuracy against the size of the auxiliary part: {meta['dataset']}", "",
-             f"Command: `{meta['command']}`  ", _code_line(meta),
+             f"Command: `{meta['command']}`  ", code_line(meta),
              f"Seeds: {', '.join(map(str, meta['seeds']))} (mean ± sample std); the rest of the training split "
              f"is cut into {meta['config']['data']['num_clients']} client parts; evaluated on "
              f"{meta['config']['data']['eval_examples'] or 'all'} items of the {meta['config']['data']['eval_split']} "

@@ -18,7 +18,7 @@ from pathlib import Path
 from fedcollm.config import ALL_PROJECTIONS, Config, validate
 from fedcollm.errors import FedCoLLMError
 from fedcollm.experiment.runner import Cache, Job, cfg_for
-from fedcollm.experiment.tables import fmt_mean_std, mean_std
+from fedcollm.experiment.tables import code_line, fmt_mean_std, mean_std
 
 MODULE_SETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"), "all": ALL_PROJECTIONS}
 TRANSPORTS = ("fp32", "fp16", "int8")
@@ -126,9 +126,8 @@ def choose(results: dict, points: list[Point], seeds: list[int]) -> dict:
 def table(doc: dict, points: list[Point]) -> str:
     meta, results, choice = doc["meta"], doc["results"], doc["choice"]
     cfg = meta["config"]
-    lines = ["# FedCoLLM accuracy against traffic", "", f"Command: `{meta['command']}`  ",
-             f"Code version {meta['code_version']} (commit {meta['git_commit'] or '?'}); seeds "
-             f"{', '.join(map(str, meta['seeds']))} (acc mean ± sample std, %); "
+    lines = ["# FedCoLLM accuracy against traffic", "", f"Command: `{meta['command']}`  ", code_line(meta),
+             f"Seeds {', '.join(map(str, meta['seeds']))} (acc mean ± sample std, %); "
              f"rounds: {cfg['federation']['rounds']}; {cfg['data']['eval_examples'] or 'all'} items of the "
              f"{cfg['data']['eval_split']} split. Bytes: Flower message payload per client and round; "
              "share: of the fp32 SLM.", ""]
@@ -166,6 +165,7 @@ def plot(doc: dict, points: list[Point], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: PLC0415
 
     results = doc["results"]
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
@@ -185,7 +185,10 @@ def plot(doc: dict, points: list[Point], path: Path) -> None:
         ax.plot([], [], "o", color="tab:blue", label="SLM")
         ax.plot([], [], "s", color="tab:orange", label="LLM")
         ax.set_xscale("log")
-        ax.set_xlabel("bytes up per client and round (log)")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} MB"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("bytes up per client and round (log scale)")
         ax.set_ylabel("acc (%), mean and seed range")
         ax.set_title(f"{dataset}" + (f": choice {doc['choice']['label']}" if doc["choice"]["label"] else ""))
         ax.grid(alpha=0.3)
