@@ -62,6 +62,11 @@ def test_choice_is_the_cheapest_within_one_point_on_every_dataset():
     assert choice["label"] == b and choice["within_tolerance"] == sorted([b, c])
     assert choice["complete_points"] == 3 and choice["bytes_up_per_client_round"] == 20
     assert choose({"ds1": {p.label: {} for p in points}}, points, [0])["label"] is None
+    # each point falls short on one dataset: no choice, and the reason says so
+    split = {"ds1": {a: {"0": _result(0.50, 0.60, 10)}, c: {"0": _result(0.53, 0.60, 400)}},
+             "ds2": {a: {"0": _result(0.53, 0.60, 10)}, c: {"0": _result(0.50, 0.60, 400)}}}
+    none = choose(split, [points[0], points[2]], [0])
+    assert none["label"] is None and "on every dataset" in none["why"]
 
 
 def test_sweep_runs_each_point_and_measures_its_bytes(tmp_path, mcq_files):

@@ -117,6 +117,8 @@ def choose(results: dict, points: list[Point], seeds: list[int]) -> dict:
         means = {lab: {m: mean_std(_accs(per_point[lab], m))[0] for m in ("slm", "llm")} for lab in complete}
         best = {m: max(v[m] for v in means.values()) for m in ("slm", "llm")}
         ok &= {lab for lab, v in means.items() if all(v[m] >= best[m] - TOLERANCE for m in ("slm", "llm"))}
+    if not ok:
+        return {"label": None, "why": f"no point is within {100 * TOLERANCE:.0f} point of the best on every dataset"}
     first = next(iter(results.values()))
     label = min(ok, key=lambda lab: (_bytes(first[lab])["bytes_up_per_client_round"],
                                      _bytes(first[lab])["bytes_down_per_client_round"]))
