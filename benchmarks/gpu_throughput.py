@@ -128,25 +128,27 @@ def measure(device_name: str, eval_items: int, train_examples: int) -> dict:
 
 
 def full_run(out: Path, rounds: int, device: str, extra: list[str]) -> dict:
-    """`fedcollm run` on CUDA: `rounds` rounds on the whole ARC-Easy training split, the whole test
-    split scored after the last; per round the server's own clock (clients, KD, scoring)."""
+    """`fedcollm run` on `device`: `rounds` rounds on the whole ARC-Easy training split (unless
+    `extra` overrides say otherwise), the whole test split scored after the last; per round the
+    server's own clock (clients, KD, scoring)."""
     run_dir = out.parent / "gpu_run"
     cmd = [sys.executable, "-m", "fedcollm.cli", "run", "--out", str(run_dir), "--set", "data.max_train_examples=0",
            "--set", "data.eval_examples=0", "--set", f"federation.rounds={rounds}", "--set", "run.eval_every=0",
            "--set", "run.progress=false", "--set", f'model.device="{device}"']
     cmd += [a for kv in extra for a in ("--set", kv)]
+    command = "fedcollm " + " ".join(cmd[3:])
     with GpuBusy() as busy:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
         print(f"the run failed: {proc.stderr[-3000:]}", flush=True)
-        return {"command": "fedcollm " + " ".join(cmd[3:]), "wall_s": wall, "failed": proc.stderr[-3000:]}
+        return {"command": command, "wall_s": wall, "failed": proc.stderr[-3000:]}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     per_round = [{k: r.get(k) for k in ("round", "round_s", "fit_s", "kd_s", "eval_s", "client_devices")}
                  for r in rows if r["round"] > 0]
-    return {"command": "fedcollm " + " ".join(cmd[3:]), "wall_s": wall, "rounds": per_round,
+    return {"command": command, "wall_s": wall, "rounds": per_round,
             "server_device": summary.get("server_device"), "gpu_busy_whole_run": busy.mean,
             "slm": summary["slm"], "llm": summary["llm"]}
 

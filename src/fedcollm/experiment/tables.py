@@ -31,13 +31,13 @@ def fmt_mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> 
     return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def _values(per_seed: dict, model: str, metric: str) -> list[float]:
+def seed_values(per_seed: dict, model: str, metric: str) -> list[float]:
     return [r[model][metric] for _, r in sorted(per_seed.items()) if r.get(model)]
 
 
 def _cell(per_seed: dict, model: str, metric: str, n_seeds: int, method: str) -> str:
     """mean ± std, with the number of seeds where some are still missing."""
-    values = _values(per_seed, model, metric)
+    values = seed_values(per_seed, model, metric)
     expected = 1 if method in SEED_INDEPENDENT else n_seeds
     return fmt_mean_std(values) + (f" (n={len(values)})" if values and len(values) < expected else "")
 
@@ -236,7 +236,7 @@ def plot(results: dict, meta: dict, path: Path) -> None:
         for ax, model in zip(row, ("slm", "llm")):
             names, means, stds = [], [], []
             for m in methods:
-                vals = _values(results[d].get(m, {}), model, "acc")
+                vals = seed_values(results[d].get(m, {}), model, "acc")
                 if vals:
                     mu, sd = mean_std([100 * v for v in vals])
                     names.append(LABELS.get(m, m).replace(" (", "\n("))
@@ -276,7 +276,7 @@ def aux_size_table(results: dict, meta: dict) -> str:
         for m in methods:
             per_seed = results[str(f)][m]
             sizes = sorted({r.get("aux_examples") for r in per_seed.values() if r.get("aux_examples")})
-            cells = [fmt_mean_std(_values(per_seed, model, metric)) for metric in ("acc", "acc_norm")
+            cells = [fmt_mean_std(seed_values(per_seed, model, metric)) for metric in ("acc", "acc_norm")
                      for model in ("slm", "llm")]
             lines.append(f"| {100 * f:g}% | {', '.join(map(str, sizes)) or '–'} | {LABELS.get(m, m)} | "
                          + " | ".join(cells) + " |")
@@ -294,7 +294,7 @@ def plot_aux_size(results: dict, meta: dict, path: Path) -> None:
         for model, style in (("slm", "o-"), ("llm", "s--")):
             xs, mus, sds = [], [], []
             for f in meta["fractions"]:
-                vals = _values(results[str(f)][m], model, "acc")
+                vals = seed_values(results[str(f)][m], model, "acc")
                 if vals:
                     mu, sd = mean_std([100 * v for v in vals])
                     xs.append(100 * f)

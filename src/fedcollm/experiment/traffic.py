@@ -18,7 +18,7 @@ from pathlib import Path
 from fedcollm.config import ALL_PROJECTIONS, Config, validate
 from fedcollm.errors import FedCoLLMError
 from fedcollm.experiment.runner import Cache, Job, cfg_for
-from fedcollm.experiment.tables import code_line, fmt_mean_std, mean_std
+from fedcollm.experiment.tables import code_line, fmt_mean_std, mean_std, seed_values
 
 MODULE_SETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"), "all": ALL_PROJECTIONS}
 TRANSPORTS = ("fp32", "fp16", "int8")
@@ -94,10 +94,6 @@ def run_traffic(base: Config, datasets: list[str], seeds: list[int], points: lis
     return doc
 
 
-def _accs(per_seed: dict, model: str) -> list[float]:
-    return [r[model]["acc"] for _, r in sorted(per_seed.items()) if r.get(model)]
-
-
 def _bytes(per_seed: dict) -> dict:
     """The point's traffic per client and round (the same for every seed: it depends on shapes
     and transport only) and its shares of the fp32 SLM."""
@@ -114,7 +110,8 @@ def choose(results: dict, points: list[Point], seeds: list[int]) -> dict:
         return {"label": None, "why": "no grid point has every seed on every dataset yet"}
     ok = set(complete)
     for per_point in results.values():
-        means = {lab: {m: mean_std(_accs(per_point[lab], m))[0] for m in ("slm", "llm")} for lab in complete}
+        means = {lab: {m: mean_std(seed_values(per_point[lab], m, "acc"))[0] for m in ("slm", "llm")}
+                 for lab in complete}
         best = {m: max(v[m] for v in means.values()) for m in ("slm", "llm")}
         ok &= {lab for lab, v in means.items() if all(v[m] >= best[m] - TOLERANCE for m in ("slm", "llm"))}
     if not ok:
@@ -142,10 +139,10 @@ def table(doc: dict, points: list[Point]) -> str:
                 lines.append(f"| {p.modules} | {p.r} | {p.transport} | – | – | – | – | – | – | 0 |")
                 continue
             b = _bytes(per_seed)
+            slm, llm = (fmt_mean_std(seed_values(per_seed, m, "acc")) for m in ("slm", "llm"))
             lines.append(f"| {p.modules} | {p.r} | {p.transport} | {b['bytes_up_per_client_round']:,.0f} | "
                          f"{b['bytes_down_per_client_round']:,.0f} | {100 * b['up_ratio_to_fp32_slm']:.3f}% | "
-                         f"{100 * b['down_ratio_to_fp32_slm']:.3f}% | {fmt_mean_std(_accs(per_seed, 'slm'))} | "
-                         f"{fmt_mean_std(_accs(per_seed, 'llm'))} | {len(per_seed)} |")
+                         f"{100 * b['down_ratio_to_fp32_slm']:.3f}% | {slm} | {llm} | {len(per_seed)} |")
         lines.append("")
     lines.append("## Choice")
     lines.append("")
@@ -174,7 +171,7 @@ def plot(doc: dict, points: list[Point], path: Path) -> None:
     for ax, (dataset, per_point) in zip(axes[0], results.items()):
         for model, marker in (("slm", "o"), ("llm", "s")):
             for p in points:
-                accs = _accs(per_point[p.label], model)
+                accs = seed_values(per_point[p.label], model, "acc")
                 if not accs:
                     continue
                 x = _bytes(per_point[p.label])["bytes_up_per_client_round"]
