@@ -68,7 +68,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(device_name: str, eval_items: int, train_examples: int) -> dict:
+def measure(device_name: str, eval_items: int, train_examples: int, sets: list[str]) -> dict:
     """One device: the evaluator on both models, SFT of the SLM, mutual KD, in this process."""
     import dataclasses  # noqa: PLC0415
 
@@ -81,13 +81,14 @@ def measure(device_name: str, eval_items: int, train_examples: int) -> dict:
     from fedcollm.train.sft import sft  # noqa: PLC0415
 
     cfg = load_config(overrides=[f'model.device="{device_name}"', "data.max_train_examples=0",
-                                 f"data.eval_examples={eval_items}", "run.progress=false"])
+                                 f"data.eval_examples={eval_items}", "run.progress=false", *sets])
     device = components.device_of(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     data = components.server_data(cfg)
     llm, slm = components.build_llm(cfg), components.build_slm(cfg)
-    res: dict = {"device": str(device), "dtype": str(components.dtype_of(cfg)), "torch_threads": torch.get_num_threads()}
+    res: dict = {"device": str(device), "dtype": str(components.dtype_of(cfg)), "torch_threads": torch.get_num_threads(),
+                 "batch_size": {"client": cfg.client.batch_size, "distill": cfg.distill.batch_size}, "sets": sets}
     if device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(device)
 
@@ -160,6 +161,8 @@ def main() -> None:
     p.add_argument("--train-examples", type=int, default=0, help="0: the whole training split on CUDA, 64 on CPU")
     p.add_argument("--rounds", type=int, default=0, help="also time a `fedcollm run` of this many rounds on CUDA")
     p.add_argument("--out", default="results/bench/gpu_throughput.json")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every part (repeatable), e.g. client.batch_size=32")
     p.add_argument("--run-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for the --rounds run (repeatable)")
     p.add_argument("--show", metavar="JSON", help="print the table of a saved report and exit")
@@ -171,14 +174,15 @@ def main() -> None:
     if args.child:
         cuda = args.child.startswith("cuda")
         print(json.dumps(measure(args.child, args.eval_items or (0 if cuda else 100),
-                                 args.train_examples or (10**9 if cuda else 64))))
+                                 args.train_examples or (10**9 if cuda else 64), args.sets)))
         return
     report: dict = {"machine": platform.platform(), "python": sys.version.split()[0], "results": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for dev in args.devices.split(","):  # the report is rewritten after each part: a cut-off run keeps the rest
         proc = subprocess.run([sys.executable, __file__, "--child", dev, "--eval-items", str(args.eval_items),
-                               "--train-examples", str(args.train_examples)], capture_output=True, text=True)
+                               "--train-examples", str(args.train_examples),
+                               *(a for kv in args.sets for a in ("--set", kv))], capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{dev}: failed: {proc.stderr.strip()[-3000:] or proc.returncode}", flush=True)
             continue
@@ -186,7 +190,7 @@ def main() -> None:
         print(f"{dev}: {json.dumps(report['results'][dev])}", flush=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         if args.rounds and (dev.startswith("cuda") or args.run_set):  # on a CPU only at a size you set
-            report["run"] = full_run(out, args.rounds, dev, args.run_set)
+            report["run"] = full_run(out, args.rounds, dev, args.sets + args.run_set)
             out.write_text(json.dumps(report, indent=2) + "\n")
     _print(report)
 

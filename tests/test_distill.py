@@ -83,7 +83,7 @@ def test_lambda_zero_is_sft_on_aux(smoke_cfg):
     cfg = dataclasses.replace(smoke_cfg.distill, kd_lambda=0.0)
     loss, parts = mutual_kd_step(llm, slm, batch, cfg)
     assert parts["kl_llm"] > 0 and parts["kl_slm"] > 0  # the terms exist but weigh nothing
-    assert loss.item() == pytest.approx(parts["ce_llm"] + parts["ce_slm"], rel=1e-6)
+    assert loss.item() == pytest.approx((parts["ce_llm"] + parts["ce_slm"]).item(), rel=1e-6)
 
 
 def test_kd_kl_equals_a_hand_computed_asymmetric_value():

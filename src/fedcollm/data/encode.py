@@ -73,7 +73,10 @@ def encode_for_training(tokenizer, recs: list[MCQRecord], max_length: int) -> li
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask, and labels that are -100 outside the continuation."""
+    """Right-padded ids, attention mask, labels that are -100 outside the continuation, and
+    `answer_rows`: the flat (example × position) indices of the positions that predict an answer
+    token (position t predicts label t+1), example-major. They are found here, on the host: a
+    mask applied on the GPU would make the host wait for the GPU at every step."""
     width = max(len(e.ids) for e in batch)
     ids, labels, mask = [], [], []
     for e in batch:
@@ -81,4 +84,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids.append([*e.ids, *[pad_id] * pad])
         mask.append([1] * n + [0] * pad)
         labels.append([-100] * (n - e.n_target) + list(e.ids[n - e.n_target:]) + [-100] * pad)
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+    labels_t = torch.tensor(labels)
+    where = (labels_t[:, 1:] != -100).nonzero()
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": labels_t,
+            "answer_rows": where[:, 0] * width + where[:, 1]}

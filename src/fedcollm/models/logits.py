@@ -15,9 +15,9 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    keep = batch["labels"][:, 1:] != -100
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    rows = batch["answer_rows"]  # made by collate on the host: no data-dependent sync here
+    logits = base.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))
     cap = getattr(base.config, "final_logit_softcapping", None)
     if cap:  # Gemma 2/3 squash their logits; do as their forward does
         logits = torch.tanh(logits / cap) * cap
-    return logits, batch["labels"][:, 1:][keep]
+    return logits, batch["labels"].reshape(-1).index_select(0, rows + 1)

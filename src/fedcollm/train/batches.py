@@ -1,4 +1,5 @@
-"""Shuffled mini-batches of encoded examples, reproducible from a seed."""
+"""Shuffled mini-batches of encoded examples, reproducible from a seed, and the optimizer that
+trains on them."""
 
 from __future__ import annotations
 
@@ -34,3 +35,13 @@ def num_batches(n: int, batch_size: int) -> int:
 
 def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+PROGRESS_EVERY = 10  # steps between progress-bar loss readings (each one waits for the device)
+
+
+def optimizer(params: list[torch.nn.Parameter], *, lr: float, weight_decay: float,
+              device: torch.device) -> torch.optim.AdamW:
+    """AdamW; on a GPU the fused kernel (one launch for every adapter tensor rather than a few
+    per tensor: a LoRA adapter is hundreds of small tensors)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fedcollm.data.encode import Encoded, collate
 from fedcollm.models.logits import answer_logits
 from fedcollm.train.align import VocabMap, align, one_to_one
-from fedcollm.train.batches import index_batches, num_batches, on, trainable
+from fedcollm.train.batches import PROGRESS_EVERY, index_batches, num_batches, on, optimizer, trainable
 
 CROSS_TOP_K = 16  # teacher tokens carried across vocabularies when distill.top_k = 0
 PAD_CHOICE = -1e4  # the log-likelihood of a choice a question does not have (softmax weight ~0)
@@ -66,16 +66,18 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, top_
     return kl.mean() * temperature**2
 
 
-def _combine(ce_f, ce_g, kl_f, kl_g, cfg) -> tuple[torch.Tensor, dict[str, float]]:
+def _combine(ce_f, ce_g, kl_f, kl_g, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss, and its parts detached (0-d tensors on the device: reading them is left to the
+    caller, once per many steps, so that the host does not wait for the GPU every step)."""
     loss = cfg.ce_weight * (ce_f + ce_g)
     if cfg.llm_learns_from_slm:
         loss = loss + cfg.kd_lambda * kl_f
     if cfg.slm_learns_from_llm:
         loss = loss + cfg.kd_lambda * kl_g
-    return loss, {"ce_llm": ce_f.item(), "ce_slm": ce_g.item(), "kl_llm": kl_f.item(), "kl_slm": kl_g.item()}
+    return loss, {"ce_llm": ce_f.detach(), "ce_slm": ce_g.detach(), "kl_llm": kl_f.detach(), "kl_slm": kl_g.detach()}
 
 
-def mutual_kd_step(llm, slm, batch: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict[str, float]]:
+def mutual_kd_step(llm, slm, batch: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The FedCoLLM server loss for one batch of a shared tokenizer (not yet backpropagated)."""
     # Each model runs forward once; its logits serve as student (with grad) in its own terms and,
     # detached, as teacher in the other model's terms.
@@ -197,8 +199,8 @@ def mutual_distill(llm, slm, aux: AuxSet, cfg, *, seed: int, device: torch.devic
     # One optimizer over both adapters; they share no parameters, so this equals two optimizers.
     # No weight decay: it would move an adapter that no loss term reaches (a switched-off
     # direction with CE off), and the ablations must leave that adapter exactly as it was.
-    opt = torch.optim.AdamW(trainable(llm) + trainable(slm), lr=cfg.lr, weight_decay=0.0)
-    sums: dict[str, float] = {}
+    opt = optimizer(trainable(llm) + trainable(slm), lr=cfg.lr, weight_decay=0.0, device=device)
+    sums: dict[str, torch.Tensor] = {}  # on the device, read at the end
     steps = 0
     n = len(aux.llm)
     bar = tqdm(total=cfg.epochs * num_batches(n, cfg.batch_size), desc="server KD", disable=not progress, leave=False)
@@ -206,7 +208,7 @@ def mutual_distill(llm, slm, aux: AuxSet, cfg, *, seed: int, device: torch.devic
     for epoch in range(cfg.epochs):
         for idx in index_batches(n, cfg.batch_size, seed + epoch):
             opt.zero_grad(set_to_none=True)
-            parts: dict[str, float] = {}
+            parts: dict[str, torch.Tensor] = {}
             for start in range(0, len(idx), micro):  # gradients accumulate over the micro-batches
                 part = idx[start:start + micro]
                 loss, got = kd_step(llm, slm, aux, part, cfg, device, maps)
@@ -219,12 +221,14 @@ def mutual_distill(llm, slm, aux: AuxSet, cfg, *, seed: int, device: torch.devic
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
             bar.update(1)
-            bar.set_postfix(ce_llm=f"{parts['ce_llm']:.3f}", ce_slm=f"{parts['ce_slm']:.3f}")
+            if progress and steps % PROGRESS_EVERY == 0:
+                bar.set_postfix(ce_llm=f"{sums['ce_llm'].item() / steps:.3f}",
+                                ce_slm=f"{sums['ce_slm'].item() / steps:.3f}")
     bar.close()
     for vocab_map in maps or ():
         vocab_map.save()
     llm.eval()
     slm.eval()
-    out = {k: v / max(steps, 1) for k, v in sums.items()}
+    out = {k: float(v) / max(steps, 1) for k, v in sums.items()}
     out["steps"] = steps
     return out

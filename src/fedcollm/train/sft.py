@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from fedcollm.data.encode import Encoded
 from fedcollm.models.logits import answer_logits
-from fedcollm.train.batches import batches, num_batches, trainable
+from fedcollm.train.batches import PROGRESS_EVERY, batches, num_batches, optimizer, trainable
 
 
 def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: int, pad_id: int,
@@ -17,8 +17,10 @@ def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: i
     """Train the model's trainable (adapter) parameters; return the mean loss and step count."""
     model.train()
     # A fresh optimizer per call: FedAvg clients start each round from the global adapter.
-    opt = torch.optim.AdamW(trainable(model), lr=lr, weight_decay=weight_decay)
-    total, steps = 0.0, 0
+    opt = optimizer(trainable(model), lr=lr, weight_decay=weight_decay, device=device)
+    # The loss is summed on the device and read once at the end: reading it every step would make
+    # the host wait for the GPU, and the GPU then waits for the host to queue the next step.
+    total, steps = torch.zeros((), device=device), 0
     bar = tqdm(total=epochs * num_batches(len(examples), batch_size), desc=desc,
                disable=not progress, leave=False)
     for epoch in range(epochs):
@@ -28,10 +30,11 @@ def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: i
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item()
+            total += loss.detach()
             steps += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if progress and steps % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{total.item() / steps:.3f}")
     bar.close()
     model.eval()
-    return {"loss": total / max(steps, 1), "steps": steps}
+    return {"loss": total.item() / max(steps, 1), "steps": steps}
