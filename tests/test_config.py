@@ -87,3 +87,17 @@ def test_cli_process_exit_code_for_unknown_key():
     lines = proc.stderr.strip().splitlines()
     assert lines == ["fedcollm: error: config: unknown key 'model.size' (known: cache_dir, device, dtype, "
                      "llm, slm, slm_keep_first, slm_keep_last)"]
+
+
+def test_the_shipped_experiment_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    gpu = load_config(root / "experiment-gpu.toml")
+    # The paper's scale: whole training split in 5 equal parts, whole evaluation split.
+    assert (gpu.data.max_train_examples, gpu.data.eval_examples, gpu.data.aux_fraction) == (0, 0, 0.0)
+    assert gpu.data.num_clients == 4 and (gpu.lora.r, gpu.lora.alpha) == (8, 16)
+    assert gpu.client.batch_size == gpu.distill.batch_size == 32
+    assert gpu.model.dtype == "auto" and gpu.federation.client_gpus == "auto"
+    cpu = load_config(root / "experiment-cpu.toml")
+    assert cpu.data.max_train_examples > 0

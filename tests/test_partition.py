@@ -45,3 +45,14 @@ def test_cap_takes_a_subset():
 def test_too_few_examples_is_a_clear_error():
     with pytest.raises(FedCoLLMError, match="too few"):
         split_indices(RECORDS[:5], 4, "iid")
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.2, 0.4])
+def test_aux_fraction_sizes_the_auxiliary_part_and_the_clients_share_the_rest_equally(fraction):
+    records = [MCQRecord(str(i), f"q{i}", ("a", "b"), i % 2) for i in range(1000)]
+    split = split_indices(records, 4, "iid", seed=1, aux_fraction=fraction)
+    assert len(split.aux) == round(fraction * 1000)
+    sizes = [len(c) for c in split.clients]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 1000 - len(split.aux)
+    flat = [i for p in _all_parts(split) for i in p]
+    assert sorted(flat) == list(range(1000))
