@@ -219,7 +219,12 @@ def slm_base(cfg: Config) -> torch.nn.Module:
 def _with_adapter(base, cfg: Config):
     torch.manual_seed(cfg.run.seed)  # the same initial adapter in every process
     lo = cfg.lora
-    return attach_lora(base, lo.r, lo.alpha, lo.dropout, lo.target_modules)
+    model = attach_lora(base, lo.r, lo.alpha, lo.dropout, lo.target_modules)
+    if cfg.model.compile:
+        # In place: parameter names, and so the adapter's keys on the wire, stay as they are.
+        # dynamic: every batch has its own sequence length.
+        model.get_base_model().get_decoder().compile(dynamic=True)
+    return model
 
 
 def build_slm(cfg: Config):
