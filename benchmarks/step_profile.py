@@ -37,7 +37,8 @@ def profile(step, steps: int, device) -> dict:
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events) if cuda else None
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
+                                                        "cuLaunchKernelEx"))  # the last two: Triton (compiled)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
     return {"wall_ms_per_step": 1e3 * wall / steps,
             "kernel_ms_per_step": None if kernel_us is None else kernel_us / 1e3 / steps,

@@ -117,10 +117,36 @@ def cmd_experiment(args) -> int:
                           allow_mixed=args.allow_mixed_versions, parallel=args.jobs)
         print(f"[fedcollm] {out}/traffic.md, {out}/pareto.png, {out}/traffic.json; choice: {doc['choice']['label']}")
         return 0
+    if args.dev_grid:
+        return _dev_search(args, datasets, seeds, out, command)
     methods = args.methods.split(",") if args.methods else list(METHODS)
     doc = run_experiment(base, datasets, seeds, methods, out, command,
                          compute=not args.report_only, allow_mixed=args.allow_mixed_versions, parallel=args.jobs)
     print(f"[fedcollm] {len(doc['results'])} dataset(s): {out}/table1.md, {out}/table2.md, {out}/results.json")
+    return 0
+
+
+def _dev_search(args, datasets: list[str], seeds: list[int], out, command: str) -> int:
+    from fedcollm.config import load_config  # noqa: PLC0415
+    from fedcollm.experiment import dev_search  # noqa: PLC0415
+
+    if any(o.replace(" ", "").startswith("data.eval_split=") for o in args.overrides):
+        raise FedCoLLMError("--dev-grid scores each dataset on its own dev split: leave out --set data.eval_split")
+    cells = dev_search.parse_dev_grid(args.dev_grid)
+
+    def config_of(cell, dataset: str, seed: int):
+        return load_config(args.config, [*args.overrides, *cell.overrides, f"data.dataset={json.dumps(dataset)}",
+                                         f"data.eval_split={json.dumps(dev_search.dev_split(dataset))}",
+                                         f"run.seed={seed}"], args.preset)
+
+    for cell in cells:  # every cell validated on every dataset before anything runs
+        for d in datasets:
+            config_of(cell, d, seeds[0])
+    methods = args.methods.split(",") if args.methods else list(dev_search.METHODS)
+    doc = dev_search.run_dev_search(config_of, cells, datasets, seeds, methods, out, command,
+                                    compute=not args.report_only, allow_mixed=args.allow_mixed_versions,
+                                    parallel=args.jobs)
+    print(f"[fedcollm] {out}/dev.md, {out}/dev.png, {out}/dev.json; choice: {doc['choice']['label']}")
     return 0
 
 
@@ -189,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="accuracy against traffic: FedCoLLM over e.g. 'modules=qv,qkvo,all;r=4,8,16;"
                             "transport=fp32,fp16,int8' ('A | B': the union of two such grids); writes "
                             "traffic.md, pareto.png and the cheapest setting within 1 point of the best")
+    p_exp.add_argument("--dev-grid", metavar="GRID",
+                       help="choose hyperparameters on each dataset's dev split: every cell of e.g. "
+                            "'client.lr+distill.lr=3e-4,1e-3;client.local_epochs=1,2' (default methods: fedcollm, "
+                            "standalone, centralized); writes dev.md, dev.json, dev.png and the best cell")
     p_exp.add_argument("--allow-mixed-versions", action="store_true",
                        help="use cached results of other code versions as they are (the table says so)")
     p_exp.set_defaults(func=cmd_experiment)

@@ -174,7 +174,7 @@ class Cache:
                 "config": base.to_dict(), **extra}
 
 
-def _check_methods(methods: list[str]) -> None:
+def check_methods(methods: list[str]) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise FedCoLLMError(f"experiment: unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
@@ -184,7 +184,7 @@ def run_experiment(base: Config, datasets: list[str], seeds: list[int], methods:
                    command: str, compute: bool = True, allow_mixed: bool = False, parallel: int = 1) -> dict:
     """Run (or, compute=False, only collect from the cache) every job, `parallel` at a time, then
     write the tables."""
-    _check_methods(methods)
+    check_methods(methods)
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out, compute, allow_mixed)
     # Seed by seed: an interrupted experiment leaves whole seeds (every method) rather than whole
@@ -212,7 +212,7 @@ def run_aux_sizes(base: Config, dataset: str, fractions: list[float], seeds: lis
                   parallel: int = 1) -> dict:
     """The paper's open question: accuracy against the auxiliary part's share of the training
     split. Writes aux_size.md, aux_size.json and aux_size.png."""
-    _check_methods(methods)
+    check_methods(methods)
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out, compute, allow_mixed)
     triples = [(f, s, m) for s in seeds for f in fractions for m in methods]
