@@ -38,6 +38,7 @@ def build(device, dtype):
 
 
 def child(args) -> dict:
+    from fedcollm.data.encode import answer_rows  # noqa: PLC0415
     from fedcollm.train.batches import trainable  # noqa: PLC0415
     from fedcollm.train.distill import mutual_kd_step  # noqa: PLC0415
 
@@ -48,7 +49,8 @@ def child(args) -> dict:
     ids = torch.randint(0, 49152, (args.batch, args.seq), generator=g)
     labels = torch.full_like(ids, -100)
     labels[:, -args.answer:] = ids[:, -args.answer:]
-    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device),
+             "answer_rows": answer_rows(labels).to(device)}
     kd = SimpleNamespace(temperature=2.0, top_k=args.topk if args.mode == "topk" else 0, kd_lambda=1.0,
                          ce_weight=1.0, llm_learns_from_slm=True, slm_learns_from_llm=True)
     opt = torch.optim.AdamW(trainable(llm) + trainable(slm), lr=1e-4)

@@ -85,6 +85,11 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         mask.append([1] * n + [0] * pad)
         labels.append([-100] * (n - e.n_target) + list(e.ids[n - e.n_target:]) + [-100] * pad)
     labels_t = torch.tensor(labels)
-    where = (labels_t[:, 1:] != -100).nonzero()
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": labels_t,
-            "answer_rows": where[:, 0] * width + where[:, 1]}
+            "answer_rows": answer_rows(labels_t)}
+
+
+def answer_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (example × position) of the positions whose next label is an answer token."""
+    where = (labels[:, 1:] != -100).nonzero()
+    return where[:, 0] * labels.shape[1] + where[:, 1]
