@@ -85,7 +85,7 @@ def test_cli_process_exit_code_for_unknown_key():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["fedcollm: error: config: unknown key 'model.size' (known: cache_dir, device, dtype, "
+    assert lines == ["fedcollm: error: config: unknown key 'model.size' (known: cache_dir, compile, device, dtype, "
                      "llm, slm, slm_keep_first, slm_keep_last)"]
 
 
