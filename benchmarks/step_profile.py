@@ -58,14 +58,12 @@ def main() -> None:
 
     import dataclasses  # noqa: PLC0415
 
-    import torch.nn.functional as F  # noqa: PLC0415
-
     from fedcollm import components  # noqa: PLC0415
     from fedcollm.config import load_config  # noqa: PLC0415
     from fedcollm.data.encode import collate  # noqa: PLC0415
-    from fedcollm.models.logits import answer_logits  # noqa: PLC0415
     from fedcollm.train.batches import on, optimizer, trainable  # noqa: PLC0415
     from fedcollm.train.distill import mutual_kd_step  # noqa: PLC0415
+    from fedcollm.train.sft import sft_step  # noqa: PLC0415
 
     cfg = load_config(overrides=[f'model.device="{args.device}"', "data.max_train_examples=0", "data.eval_examples=8",
                                  "run.progress=false", *args.sets])
@@ -81,12 +79,8 @@ def main() -> None:
         opt_kd = optimizer(trainable(llm) + trainable(slm), lr=1e-4, weight_decay=0.0, device=device)
         kd_cfg = dataclasses.replace(cfg.distill, batch_size=bs)
 
-        def sft_step():
-            pred, target = answer_logits(slm, batch)
-            loss = F.cross_entropy(pred.float(), target)
-            opt_slm.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_slm.step()
+        def client_step():
+            sft_step(slm, batch, opt_slm)
 
         def kd_step():
             loss, _ = mutual_kd_step(llm, slm, batch, kd_cfg)
@@ -96,7 +90,7 @@ def main() -> None:
 
         slm.train()
         llm.train()
-        for name, step in (("sft", sft_step), ("kd", kd_step)):
+        for name, step in (("sft", client_step), ("kd", kd_step)):
             row = {"part": name, "batch_size": bs, "tokens_per_step": tokens, **profile(step, args.steps, device)}
             row["tokens_per_s"] = tokens / row["wall_ms_per_step"] * 1e3
             report["rows"].append(row)

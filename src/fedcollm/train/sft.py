@@ -11,6 +11,16 @@ from fedcollm.models.logits import answer_logits
 from fedcollm.train.batches import PROGRESS_EVERY, batches, num_batches, optimizer, trainable
 
 
+def sft_step(model, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
+    """One optimizer step on one batch; the loss, detached and left on the device."""
+    pred, target = answer_logits(model, batch)
+    loss = F.cross_entropy(pred.float(), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: int, pad_id: int,
         seed: int, device: torch.device, weight_decay: float = 0.0, progress: bool = False,
         desc: str = "sft") -> dict[str, float]:
@@ -25,12 +35,7 @@ def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: i
                disable=not progress, leave=False)
     for epoch in range(epochs):
         for batch in batches(examples, batch_size, pad_id, seed + epoch, device):
-            pred, target = answer_logits(model, batch)
-            loss = F.cross_entropy(pred.float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach()
+            total += sft_step(model, batch, opt)
             steps += 1
             bar.update(1)
             if progress and steps % PROGRESS_EVERY == 0:
