@@ -16,10 +16,11 @@ from fedcollm.report import Recorder
 
 @pytest.fixture
 def strategy(smoke_cfg, tmp_path):
-    # distill.epochs = 0: no KD steps, so the broadcast adapter is the aggregate itself.
+    # distill.epochs = 0: no KD steps, so the broadcast adapter is the aggregate itself; fp32
+    # transport: the results below are built as plain fp32 arrays and the broadcast read back as such.
     cfg = dataclasses.replace(smoke_cfg, distill=dataclasses.replace(smoke_cfg.distill, epochs=0),
                               federation=dataclasses.replace(smoke_cfg.federation, max_client_examples=20,
-                                                             max_update_norm=50.0))
+                                                             max_update_norm=50.0, transport="fp32"))
     return FedCoLLMStrategy(cfg, Recorder(tmp_path, echo=False))
 
 

@@ -14,7 +14,7 @@ from fedcollm.models.lora import adapter_to_ndarrays
 
 
 def test_fit_on_own_partition_and_on_own_file(smoke_cfg, tmp_path):
-    global_adapter = encode(adapter_to_ndarrays(components.build_slm(smoke_cfg)), "fp32")
+    global_adapter = encode(adapter_to_ndarrays(components.build_slm(smoke_cfg)), smoke_cfg.transport_mode())
     arrays, n, metrics = SLMClient(smoke_cfg, 2).fit(global_adapter, {"round": 1})
     assert n == len(components.client_examples(smoke_cfg, 2)) and metrics["partition"] == 2
     assert any(not np.array_equal(a, b) for a, b in zip(arrays, global_adapter))
@@ -28,7 +28,7 @@ def test_fit_on_own_partition_and_on_own_file(smoke_cfg, tmp_path):
 def test_a_client_above_the_servers_weight_cap_refuses(smoke_cfg, tmp_path):
     """A SuperNode whose own file holds more examples than the server allows says so, instead of
     letting SecAgg+ overflow (it only logs a warning) or the server reject it without a reason."""
-    global_adapter = encode(adapter_to_ndarrays(components.build_slm(smoke_cfg)), "fp32")
+    global_adapter = encode(adapter_to_ndarrays(components.build_slm(smoke_cfg)), smoke_cfg.transport_mode())
     own = write_mcq(tmp_path / "big.jsonl", 9, seed=6)
     with pytest.raises(FedCoLLMError, match=r"client 1: 9 training examples exceed the server's "
                                             r"federation.max_client_examples = 5"):

@@ -161,7 +161,8 @@ def _cfg(base, tmp_path, **federation):
 
 
 def test_bad_updates_are_rejected_and_the_round_completes(smoke_cfg, tmp_path):
-    seen = simulate(_cfg(smoke_cfg, tmp_path), extra_mods=(corrupt_updates,))
+    # fp32 transport: the corruptions are written for plain fp32 arrays (int8 sends pairs)
+    seen = simulate(_cfg(smoke_cfg, tmp_path, transport="fp32"), extra_mods=(corrupt_updates,))
     row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
     reasons = {r["client"]: r["reason"] for r in row["rejected"]}
     assert reasons[1] == "tensor 0 holds NaN or Inf"

@@ -52,11 +52,13 @@ def _weighted_mean(updates):
 
 @pytest.fixture(scope="module")
 def plain_round(smoke_cfg_module, tmp_path_factory):
-    """Round-1 client updates in the clear (plain FedAvg), for reference."""
+    """Round-1 client updates in the clear (plain FedAvg), decoded from the default transport
+    (int8): the values each client holds, which it hands SecAgg+ in a secure round."""
     out = tmp_path_factory.mktemp("plain")
-    seen = simulate(_one_round(smoke_cfg_module, out, secure=False))
-    _assert_counted_bytes_are_the_wire_size(seen, out)  # fp32
-    return {part: (n, arrs) for n, part, arrs in seen["fit_inputs"][1]}
+    cfg = _one_round(smoke_cfg_module, out, secure=False)
+    seen = simulate(cfg)
+    _assert_counted_bytes_are_the_wire_size(seen, out)
+    return {part: (n, decode(arrs, cfg.transport_mode())) for n, part, arrs in seen["fit_inputs"][1]}
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from fedcollm.config import load_config
 from fedcollm.federated.transport import decode, encode
 from fedcollm.runs.simulation import run_simulation
 
@@ -45,8 +46,22 @@ def test_decode_refuses_what_does_not_fit(wire, mode, message):
         decode(wire, mode)
 
 
-def test_int8_run_sends_a_fraction_of_fp32_bytes(smoke_cfg, tmp_path):
-    cfg = dataclasses.replace(smoke_cfg, federation=dataclasses.replace(smoke_cfg.federation, rounds=1, transport="int8"),
+def test_auto_is_int8_except_under_differential_privacy():
+    assert load_config(preset="smoke").transport_mode() == "int8"
+    dp = ['privacy.mode="central-client-clipping"', "privacy.clipping_norm=1.0", "privacy.noise_multiplier=1.0",
+          "federation.min_clients=4"]
+    private = load_config(preset="smoke", overrides=dp)
+    assert private.transport_mode() == "fp32"
+    # the same run as an explicit fp32: cached results are found under either spelling
+    explicit = load_config(preset="smoke", overrides=[*dp, 'federation.transport="fp32"'])
+    assert private.digest() == explicit.digest()
+    assert load_config(preset="smoke", overrides=['federation.transport="fp16"']).transport_mode() == "fp16"
+
+
+def test_default_run_sends_a_fraction_of_fp32_bytes(smoke_cfg, tmp_path):
+    """The default transport ("auto") is int8 without DP: about a quarter of fp32's bytes."""
+    assert smoke_cfg.federation.transport == "auto"
+    cfg = dataclasses.replace(smoke_cfg, federation=dataclasses.replace(smoke_cfg.federation, rounds=1),
                               run=dataclasses.replace(smoke_cfg.run, out_dir=str(tmp_path / "int8")))
     summary = run_simulation(cfg)
     comm = summary["comm"]

@@ -154,10 +154,11 @@ class FederationConfig:
     # reconstruction_threshold fraction of them (0.75: 3 of 4) can unmask the sum, so one
     # dropout in four is survived.
     # Adapter encoding on the wire: fp32 | fp16 (half the bytes) | int8 (+1 scale per tensor,
-    # a quarter). See federated/transport.py. Under SecAgg+ the uplink carries SecAgg+'s own
+    # a quarter) | auto: int8, or fp32 under differential privacy (int8 scored the same items
+    # right as fp32 in results/traffic/; DP needs fp32). See federated/transport.py. Under SecAgg+ the uplink carries SecAgg+'s own
     # integers: a client rounds its update to the transport's precision, then hands it to
     # SecAgg+ in fp32 (so the aggregate equals the plain run's, within SecAgg+'s bound).
-    transport: str = "fp32"
+    transport: str = "auto"
     secagg_clipping_range: float = 1.0
     secagg_quantization_range: int = 4194304
     secagg_num_shares: float = 1.0
@@ -208,14 +209,23 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
+    def transport_mode(self) -> str:
+        """The encoding adapters travel in: federation.transport with "auto" resolved (int8, or
+        fp32 under differential privacy, whose Flower mods clip and noise the arrays sent)."""
+        if self.federation.transport != "auto":
+            return self.federation.transport
+        return "fp32" if self.privacy.mode != "off" else "int8"
+
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
     def digest(self) -> str:
         """Short hash of everything that changes results (the output dir does not). A field
         added after results were cached leaves the digest as it was while at its default
-        (DIGEST_NEW_FIELDS), so those cached results stay found."""
+        (DIGEST_NEW_FIELDS), so those cached results stay found. The transport is hashed as
+        resolved: "auto" that means fp32 is the same run as "fp32"."""
         d = self.to_dict()
+        d["federation"]["transport"] = self.transport_mode()
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "progress", "resume")}
         for (section, key), default in DIGEST_NEW_FIELDS.items():
             if d[section].get(key) == default:
@@ -258,7 +268,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "mcq_jsonl"),
     "data.eval_split": ("test", "validation", "train_holdout"),
     "data.partition": ("iid", "dirichlet", "topic"),
-    "federation.transport": ("fp32", "fp16", "int8"),
+    "federation.transport": ("auto", "fp32", "fp16", "int8"),
     "privacy.mode": ("off", "central-client-clipping", "central-server-clipping"),
     "distill.level": ("token", "choice"),
 }
@@ -417,8 +427,8 @@ def _validate_privacy(cfg: Config) -> None:
     if p.mode == "central-server-clipping" and f.secure_aggregation:
         raise FedCoLLMError("config: privacy.mode = 'central-server-clipping' needs the server to see each update, "
                             "which secure aggregation prevents; use 'central-client-clipping' with SecAgg+")
-    if f.transport != "fp32":
-        raise FedCoLLMError(f"config: privacy needs federation.transport = 'fp32' (got {f.transport!r}): the "
+    if f.transport not in ("auto", "fp32"):
+        raise FedCoLLMError(f"config: privacy needs federation.transport = 'fp32' or 'auto' (got {f.transport!r}): the "
                             "clipping bound must hold on the values sent, and a lossy encoding re-rounds them")
 
 

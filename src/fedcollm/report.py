@@ -108,7 +108,8 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
         "", "## Communication", "",
         f"- adapter parameters: {c['adapter_params']:,} (SLM without adapter: {c['full_slm_params']:,})",
         f"- bytes up per client per round: {c['bytes_up_per_client_round']:,.0f}; down: {c['bytes_down_per_client_round']:,.0f}"
-        " (payload of the Flower messages)",
+        f" (payload of the Flower messages; adapter encoding {c.get('transport', '?')}"
+        + (", uplink as SecAgg+'s masked integers)" if summary["secure_aggregation"] else ")"),
         f"- full SLM in fp32: {c['full_slm_fp32_bytes']:,} bytes; per client and round, up "
         f"{100 * c['up_ratio_to_fp32_slm']:.3f}% and down {100 * c['down_ratio_to_fp32_slm']:.3f}% of it",
         f"- secure aggregation: {_secure_line(summary['secure_aggregation'])}",

@@ -57,7 +57,7 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
         strategy.llm.save_pretrained(out / "adapters" / "llm")
     full = base_numel(strategy.slm)
     comm = {"adapter_params": adapter_numel(strategy.slm), "full_slm_params": full,
-            "full_slm_fp32_bytes": 4 * full}
+            "full_slm_fp32_bytes": 4 * full, "transport": cfg.transport_mode()}
     summary = build_summary(recorder.rows, comm, {
         "dataset": cfg.data.dataset, "eval_split": cfg.data.eval_split,
         "num_clients": cfg.data.num_clients, "aux_examples": len(strategy.data.aux.llm), "llm_model": cfg.model.llm if cfg.distill.enabled else None,

@@ -122,13 +122,13 @@ class FedCoLLMStrategy(Strategy):
         return f"FedCoLLMStrategy({self.aggregator!r} + server mutual KD)"
 
     def _broadcast(self):
-        return ndarrays_to_parameters(transport.encode(adapter_to_ndarrays(self.slm), self.cfg.federation.transport))
+        return ndarrays_to_parameters(transport.encode(adapter_to_ndarrays(self.slm), self.cfg.transport_mode()))
 
     def _decode(self, res) -> list[np.ndarray]:
         arrays = parameters_to_ndarrays(res.parameters)
         if self.cfg.federation.secure_aggregation:  # the unmasked aggregate, made on this server
             return [a.astype(np.float32) for a in arrays]
-        return transport.decode(arrays, self.cfg.federation.transport)
+        return transport.decode(arrays, self.cfg.transport_mode())
 
     def initialize_parameters(self, client_manager):
         return self._broadcast()
@@ -233,7 +233,7 @@ class FedCoLLMStrategy(Strategy):
             return None
         self.aggregated = False
         # What the clients hold: the broadcast after its (possibly lossy) transport encoding.
-        load_adapter_ndarrays(self.slm, transport.decode(parameters_to_ndarrays(parameters), self.cfg.federation.transport))
+        load_adapter_ndarrays(self.slm, transport.decode(parameters_to_ndarrays(parameters), self.cfg.transport_mode()))
         row = {"round": rnd, **(self._score(rnd) if self._scored(rnd) else {}), **self.round_stats,
                **(self._take_traffic() if server_round else {})}
         if server_round:
