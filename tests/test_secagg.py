@@ -15,7 +15,7 @@ from sim import simulate
 
 from fedcollm import components
 from fedcollm.errors import FedCoLLMError
-from fedcollm.federated.secagg import check_in_range, error_bound
+from fedcollm.federated.secagg import WideningGrid, check_in_range, error_bound, narrow_masked_vectors
 from fedcollm.federated.transport import decode
 
 
@@ -103,6 +103,11 @@ def test_secure_aggregate_equals_weighted_fedavg_and_server_is_blind(smoke_cfg_m
             if got.shape == ref.shape:
                 assert not np.allclose(got.astype(np.float64), ref, atol=1e-3)
     summary = json.loads((tmp_path / "secure" / "summary.json").read_text())
+    # The masked vectors travelled as uint32 (Flower makes int64): 4 bytes a value, not 8, as
+    # counted on the messages received (before the server widened them for Flower's sum).
+    comm = summary["comm"]
+    # (int64 values alone would take 8 bytes each; the rest is key shares and framing.)
+    assert 4 * comm["adapter_params"] < comm["bytes_up_per_client_round"] < 8 * comm["adapter_params"]
     assert summary["secure_aggregation"]["max_weight"] == max(sizes)
     assert summary["secure_aggregation"]["max_abs_error_bound"] == pytest.approx(bound)
 
@@ -187,3 +192,40 @@ def test_run_refuses_a_range_the_initial_adapter_does_not_fit(smoke_cfg_module, 
     cfg = _with(_one_round(smoke_cfg_module, tmp_path / "tiny", secure=True), secagg_clipping_range=1e-3)
     with pytest.raises(FedCoLLMError, match="the initial global adapter .* outside the secure-aggregation range"):
         simulate(cfg)
+
+
+def test_masked_vectors_narrow_to_uint32_and_widen_back_exactly():
+    """The compact SecAgg+ uplink is lossless: values below 2^32 go as uint32 and come back as
+    the int64 Flower made; a vector with a larger value (a larger modulus) is left as it is."""
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict  # noqa: PLC0415
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes  # noqa: PLC0415
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: PLC0415
+
+    fits = np.array([[0, 1], [2**32 - 1, 12345]], dtype=np.int64)
+    too_big = np.array([2**32, 3], dtype=np.int64)
+
+    def reply():
+        content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
+            {Key.MASKED_PARAMETERS: [ndarray_to_bytes(fits), ndarray_to_bytes(too_big)]})})
+        meta = Metadata(run_id=0, message_id="m", src_node_id=1, dst_node_id=0, reply_to_message_id="q",
+                        group_id="", created_at=0.0, ttl=60.0, message_type="train")
+        return Message(content=content, metadata=meta)
+
+    def arrays(msg):
+        return [bytes_to_ndarray(b) for b in msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+
+    msg = reply()
+    narrow_masked_vectors(msg)
+    narrowed = arrays(msg)
+    assert narrowed[0].dtype == np.uint32 and narrowed[1].dtype == np.int64
+    assert len(ndarray_to_bytes(narrowed[0])) < len(ndarray_to_bytes(fits))
+
+    class Inner:  # the grid below: hands back the narrowed reply
+        def send_and_receive(self, messages, *, timeout=None):
+            return [msg]
+
+    (widened,) = WideningGrid(Inner()).send_and_receive([])
+    back = arrays(widened)
+    assert [a.dtype for a in back] == [np.int64, np.int64]
+    np.testing.assert_array_equal(back[0], fits)
+    np.testing.assert_array_equal(back[1], too_big)

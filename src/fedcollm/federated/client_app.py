@@ -16,7 +16,7 @@ from fedcollm.config import Config
 from fedcollm.errors import FedCoLLMError
 from fedcollm.federated import privacy, transport
 from fedcollm.federated.app_config import config_from_run_config
-from fedcollm.federated.secagg import check_in_range
+from fedcollm.federated.secagg import check_in_range, narrow_masked_vectors
 from fedcollm.models.lora import adapter_to_ndarrays, load_adapter_ndarrays
 from fedcollm.train.sft import sft
 
@@ -80,7 +80,9 @@ def secure_aggregation_mod(msg, context, call_next):
     (secaggplus_mod itself fails on a message without SecAgg+ configs.)
     """
     if SECAGG_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
+        reply = secaggplus_mod(msg, context, call_next)
+        narrow_masked_vectors(reply)  # half the uplink, losslessly (federated/secagg.py)
+        return reply
     return call_next(msg, context)
 
 

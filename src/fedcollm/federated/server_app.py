@@ -48,7 +48,9 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds - strategy.offset),
                            strategy=strategy)
     fit_workflow = secagg.make_fit_workflow(cfg, strategy.max_examples) if secure else None
-    DefaultWorkflow(fit_workflow=fit_workflow)(counting, legacy)
+    # Under SecAgg+ the workflow reads masked vectors widened back from the clients' uint32
+    # (counted as they travelled); plain rounds see the counting grid itself.
+    DefaultWorkflow(fit_workflow=fit_workflow)(secagg.WideningGrid(counting) if secure else counting, legacy)
     strategy.rounds_bar.close()
     strategy.score_last_state()
 
