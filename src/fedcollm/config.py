@@ -155,9 +155,10 @@ class FederationConfig:
     # dropout in four is survived.
     # Adapter encoding on the wire: fp32 | fp16 (half the bytes) | int8 (+1 scale per tensor,
     # a quarter) | auto: int8, or fp32 under differential privacy (int8 scored the same items
-    # right as fp32 in results/traffic/; DP needs fp32). See federated/transport.py. Under SecAgg+ the uplink carries SecAgg+'s own
-    # integers: a client rounds its update to the transport's precision, then hands it to
-    # SecAgg+ in fp32 (so the aggregate equals the plain run's, within SecAgg+'s bound).
+    # as fp32 in results/traffic/; DP needs fp32). See federated/transport.py. Under SecAgg+
+    # the uplink carries SecAgg+'s own integers (as uint32): a client rounds its update to the
+    # transport's precision, then hands it to SecAgg+ in fp32 (so the aggregate equals the
+    # plain run's, within SecAgg+'s bound).
     transport: str = "auto"
     secagg_clipping_range: float = 1.0
     secagg_quantization_range: int = 4194304
