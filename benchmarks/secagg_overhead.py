@@ -21,6 +21,7 @@ import numpy as np
 from flwr.common import parameters_to_ndarrays
 
 from fedcollm.config import load_config
+from fedcollm.federated import transport
 from fedcollm.runs.simulation import run_simulation
 
 
@@ -40,6 +41,8 @@ def measure(cfg) -> dict:
             if rnd == 1:  # exact weighted mean of what arrived (secure: the aggregate itself)
                 total = sum(r.num_examples for _, r in results)
                 arrays = [parameters_to_ndarrays(r.parameters) for _, r in results]
+                if not cfg.federation.secure_aggregation:  # plain: the transport's encoding (int8 by default)
+                    arrays = [transport.decode(a, cfg.transport_mode()) for a in arrays]
                 marks["aggregate_1"] = [sum(r.num_examples * a[i] for (_, r), a in zip(results, arrays)) / total
                                         for i in range(len(arrays[0]))]
             return aggregate_fit(rnd, results, failures)

@@ -54,3 +54,26 @@ def test_flwr_run_completes_and_writes_outputs(tmp_path, mcq_files):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["num_clients"] == 2
     assert (out / "adapters" / "slm" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not Path(FLWR).exists(), reason="flwr CLI not installed")
+def test_the_fab_carries_code_and_configs_never_data_or_results(tmp_path):
+    """What `flwr run` ships to every SuperNode: the package and its configs. Data files in the
+    project folder (.jsonl: a server's auxiliary set, say) and results stay home, which also
+    keeps the FAB under Flower's 10 MB limit."""
+    import zipfile  # noqa: PLC0415
+
+    app = tmp_path / "app"
+    for name in ("src", "configs", "results", "benchmarks"):
+        shutil.copytree(ROOT / name, app / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md", ".gitignore"):
+        shutil.copy(ROOT / name, app / name)
+    (app / "data").mkdir()
+    (app / "data" / "aux.jsonl").write_text('{"question": "private"}\n')
+    built = subprocess.run([FLWR, "build", "--app", str(app)], cwd=tmp_path, capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (fab,) = tmp_path.glob("*.fab")
+    names = zipfile.ZipFile(fab).namelist()
+    assert "src/fedcollm/federated/client_app.py" in names and "configs/experiment-gpu.toml" in names
+    assert not [n for n in names if n.endswith(".jsonl") or n.startswith(("results/", "benchmarks/"))]
+    assert fab.stat().st_size < 10 * 1024 * 1024

@@ -156,6 +156,7 @@ def table2(comm: dict | None) -> str:
         f"| adapter parameters sent (LoRA) | {comm['adapter_params']:,} |",
         f"| full SLM parameters | {comm['full_slm_params']:,} |",
         f"| parameter ratio adapter / full SLM | {100 * comm['adapter_params'] / comm['full_slm_params']:.3f}% |",
+        f"| adapter encoding on the wire | {comm.get('transport', 'not recorded (a run from before it was)')} |",
         f"| bytes up per client per round (Flower message payload) | {comm['bytes_up_per_client_round']:,.0f} |",
         f"| bytes down per client per round | {comm['bytes_down_per_client_round']:,.0f} |",
         f"| full SLM in fp32 | {comm['full_slm_fp32_bytes']:,} bytes |",
