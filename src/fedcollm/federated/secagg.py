@@ -60,7 +60,8 @@ def _recode_masked_vectors(content, recode) -> None:
     record = content.config_records.get(RECORD_KEY_CONFIGS)
     if record is None or Key.MASKED_PARAMETERS not in record:
         return
-    record[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(recode(bytes_to_ndarray(b))) for b in record[Key.MASKED_PARAMETERS]]
+    vectors = record[Key.MASKED_PARAMETERS]
+    record[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(recode(bytes_to_ndarray(b))) for b in vectors]
 
 
 def _narrow(a: np.ndarray) -> np.ndarray:
