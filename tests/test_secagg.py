@@ -104,9 +104,9 @@ def test_secure_aggregate_equals_weighted_fedavg_and_server_is_blind(smoke_cfg_m
                 assert not np.allclose(got.astype(np.float64), ref, atol=1e-3)
     summary = json.loads((tmp_path / "secure" / "summary.json").read_text())
     # The masked vectors travelled as uint32 (Flower makes int64): 4 bytes a value, not 8, as
-    # counted on the messages received (before the server widened them for Flower's sum).
+    # counted on the messages received (before the server widened them for Flower's sum); the
+    # rest is key shares and framing.
     comm = summary["comm"]
-    # (int64 values alone would take 8 bytes each; the rest is key shares and framing.)
     assert 4 * comm["adapter_params"] < comm["bytes_up_per_client_round"] < 8 * comm["adapter_params"]
     assert summary["secure_aggregation"]["max_weight"] == max(sizes)
     assert summary["secure_aggregation"]["max_abs_error_bound"] == pytest.approx(bound)

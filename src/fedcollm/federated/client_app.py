@@ -50,7 +50,8 @@ class SLMClient(NumPyClient):
         if cap and weight > cap:  # the server would reject (or SecAgg+ overflow) this weight
             raise FedCoLLMError(f"client {self.partition_id}: {weight} training examples exceed the "
                                 f"server's federation.max_client_examples = {cap}")
-        load_adapter_ndarrays(model, transport.decode(parameters, cfg.transport_mode()))
+        mode = cfg.transport_mode()
+        load_adapter_ndarrays(model, transport.decode(parameters, mode))
         rnd = int(config.get("round", 0))
         seed = cfg.run.seed * 1_000_003 + rnd * 1009 + self.partition_id
         torch.manual_seed(seed)  # LoRA dropout: same run, same seed, same adapter
@@ -62,12 +63,12 @@ class SLMClient(NumPyClient):
               f"loss {stats['loss']:.3f} on {components.device_of(cfg)}", flush=True)
         metrics = {"loss": float(stats["loss"]), "steps": int(stats["steps"]), "partition": self.partition_id,
                    "device": str(components.device_of(cfg)), "examples": len(examples)}
-        wire = transport.encode(arrays, cfg.transport_mode())
+        wire = transport.encode(arrays, mode)
         if cfg.federation.secure_aggregation:
             # SecAgg+ quantizes in the input's dtype (fp16 overflows) and sums across clients
             # (int8's per-client scales cannot be summed): hand it the values the transport
             # would deliver, in fp32. Its own masked integers are what travels.
-            wire = transport.decode(wire, cfg.transport_mode())
+            wire = transport.decode(wire, mode)
             check_in_range(wire, cfg.federation.secagg_clipping_range, f"client {self.partition_id}")
             # SecAgg+ rounds stochastically with numpy's global RNG right after this returns.
             np.random.seed(seed % 2**32)

@@ -55,9 +55,11 @@ def error_bound(cfg: Config, weights: list[int], max_weight: int) -> float:
     return len(weights) * step / (sum(weights) / max_weight)
 
 
-def _recode_masked_vectors(content, recode) -> None:
+def _recode_masked_vectors(msg, recode) -> None:
     """Apply `recode` to every array of a SecAgg+ masked-vector reply (no-op on other messages)."""
-    record = content.config_records.get(RECORD_KEY_CONFIGS)
+    if not msg.has_content():
+        return
+    record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
     if record is None or Key.MASKED_PARAMETERS not in record:
         return
     vectors = record[Key.MASKED_PARAMETERS]
@@ -76,8 +78,7 @@ def _widen(a: np.ndarray) -> np.ndarray:
 
 def narrow_masked_vectors(reply) -> None:
     """Client side, on the reply secaggplus_mod built: int64 masked values → uint32."""
-    if reply.has_content():
-        _recode_masked_vectors(reply.content, _narrow)
+    _recode_masked_vectors(reply, _narrow)
 
 
 class WideningGrid:
@@ -93,6 +94,5 @@ class WideningGrid:
     def send_and_receive(self, messages, *, timeout: float | None = None):
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for r in replies:
-            if r.has_content():
-                _recode_masked_vectors(r.content, _widen)
+            _recode_masked_vectors(r, _widen)
         return replies
