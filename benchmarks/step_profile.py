@@ -19,14 +19,20 @@ from pathlib import Path
 
 
 def profile(step, steps: int, device) -> dict:
-    """Run `step` twice to warm up, then `steps` times under torch.profiler."""
+    """Run `step` twice to warm up (timed: with model.compile the first step pays the compile),
+    then `steps` times under torch.profiler."""
     import torch  # noqa: PLC0415
     from torch.profiler import ProfilerActivity  # noqa: PLC0415
     from torch.profiler import profile as torch_profile  # noqa: PLC0415
 
-    for _ in range(2):
-        step()
     cuda = device.type == "cuda"
+    warmup_s = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        warmup_s.append(time.perf_counter() - t0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=activities) as prof:
         t0 = time.perf_counter()
@@ -40,7 +46,7 @@ def profile(step, steps: int, device) -> dict:
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                                                         "cuLaunchKernelEx"))  # the last two: Triton (compiled)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
-    return {"wall_ms_per_step": 1e3 * wall / steps,
+    return {"first_steps_s": [round(w, 2) for w in warmup_s], "wall_ms_per_step": 1e3 * wall / steps,
             "kernel_ms_per_step": None if kernel_us is None else kernel_us / 1e3 / steps,
             "device_busy": None if kernel_us is None else kernel_us / 1e6 / wall,
             "launches_per_step": launches / steps if cuda else None,
@@ -97,7 +103,7 @@ def main() -> None:
             busy = "–" if row["device_busy"] is None else f"{100 * row['device_busy']:.0f}%"
             print(f"{name} batch {bs}: {row['wall_ms_per_step']:.1f} ms/step wall, kernels "
                   f"{row['kernel_ms_per_step'] or 0:.1f} ms ({busy}), {row['launches_per_step'] or 0:.0f} launches, "
-                  f"{row['tokens_per_s']:,.0f} tok/s; top host ops {row['top_cpu_ops'][:4]}", flush=True)
+                  f"{row['tokens_per_s']:,.0f} tok/s; warm-up steps {row['first_steps_s']} s; top host ops {row['top_cpu_ops'][:4]}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

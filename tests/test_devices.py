@@ -59,3 +59,23 @@ def test_auto_dtype_is_bf16_on_cuda_and_fp32_on_cpu():
     assert _cfg().model.dtype == "auto"
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_where_clients_train_is_not_part_of_the_digest():
+    # Cached results stay found when concurrent experiment jobs pack their clients differently.
+    assert _cfg("federation.client_gpus=1.0").digest() == _cfg().digest() == _cfg("federation.client_gpus=0.25").digest()
+    assert _cfg("federation.rounds=2").digest() != _cfg().digest()
+
+
+def test_jobs_beside_others_on_a_gpu_train_their_clients_in_one_actor(monkeypatch):
+    import torch  # noqa: PLC0415
+
+    from fedcollm.experiment.runner import sharing_one_gpu  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sharing_one_gpu(_cfg()).federation.client_gpus == 1.0
+    assert client_resources(sharing_one_gpu(_cfg()), True, 1, cpus=16) == {"num_cpus": 1, "num_gpus": 1.0}
+    assert sharing_one_gpu(_cfg("federation.client_gpus=0.5")).federation.client_gpus == 0.5  # the user's choice
+    assert sharing_one_gpu(_cfg('model.device="cpu"')).federation.client_gpus == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sharing_one_gpu(_cfg()).federation.client_gpus == "auto"

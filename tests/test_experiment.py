@@ -236,3 +236,30 @@ def test_compute_time_sums_each_datasets_results():
     results = {"a": {"zero_shot": {"all": {"seconds": 60.0}}, "fedcollm": {"0": {"seconds": 120.0}, "1": {}}},
                "b": {}}
     assert compute_time(results, ["a", "b"]) == ["- a: 3 min for 2 results"]
+
+
+def test_a_job_that_fails_beside_others_runs_again_alone(smoke_cfg, tmp_path, monkeypatch, capsys):
+    from fedcollm.errors import FedCoLLMError  # noqa: PLC0415
+    from fedcollm.experiment import runner  # noqa: PLC0415
+
+    calls = []
+
+    def compute_job(self, job, in_child):  # seed 1 fails the first time, like a job out of GPU memory
+        calls.append(job.seed_key)
+        if job.seed_key == "1" and calls.count("1") == 1:
+            raise FedCoLLMError("experiment: job failed with exit code 1")
+        return {"seed": job.seed_key}
+
+    monkeypatch.setattr(runner.Cache, "compute_job", compute_job)
+    jobs = [runner.Job(smoke_cfg, "standalone", str(s), f"job {s}", (s,)) for s in range(3)]
+    results = runner.Cache(tmp_path, compute=True, allow_mixed=False).run(jobs, parallel=2)
+    assert results == {(s,): {"seed": str(s)} for s in range(3)}
+    assert sorted(calls) == ["0", "1", "1", "2"] and calls[-1] == "1"  # retried after the others
+    assert "job 1: failed beside other jobs" in capsys.readouterr().out
+
+    def always_fails(self, job, in_child):
+        raise FedCoLLMError("experiment: job failed with exit code 1")
+
+    monkeypatch.setattr(runner.Cache, "compute_job", always_fails)
+    with pytest.raises(FedCoLLMError):  # alone too: a real failure, raised
+        runner.Cache(tmp_path, compute=True, allow_mixed=False).run(jobs[:1], parallel=2)

@@ -84,10 +84,12 @@ def test_sigkill_mid_round_then_resume_gives_identical_adapters(mcq_files, tmp_p
     _assert_bitwise_equal(_adapters(out), uninterrupted)
 
 
-@pytest.mark.parametrize("point", ["kd", "checkpoint"])
-def test_sigkill_in_kd_or_while_writing_the_checkpoint_then_resume(mcq_files, tmp_path, uninterrupted, point):
+# Killed in round 1's KD, the run resumes from its round-0 checkpoint: round 0 must not be
+# recorded twice (it was, where "resumed" was read off the round offset, 0 there).
+@pytest.mark.parametrize(("point", "rnd"), [("kd", 2), ("checkpoint", 2), ("kd", 1)])
+def test_sigkill_in_kd_or_while_writing_the_checkpoint_then_resume(mcq_files, tmp_path, uninterrupted, point, rnd):
     out = tmp_path / "run"
-    env = dict(os.environ, FEDCOLLM_TEST_KILL_AT=f"{point}:2")
+    env = dict(os.environ, FEDCOLLM_TEST_KILL_AT=f"{point}:{rnd}")
     proc = subprocess.Popen(_run_cmd(out, mcq_files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env, start_new_session=True)
     try:
@@ -100,7 +102,10 @@ def test_sigkill_in_kd_or_while_writing_the_checkpoint_then_resume(mcq_files, tm
     resumed = subprocess.run(_run_cmd(out, mcq_files, "--resume", str(out)), capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "after round 1" in resumed.stdout  # the round-2 checkpoint never replaced round 1's
+    # the checkpoint of the round killed never replaced the one before it
+    assert f"after round {rnd - 1}" in resumed.stdout
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2, 3]
     _assert_bitwise_equal(_adapters(out), uninterrupted)
 
 

@@ -49,10 +49,10 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cache_dir: str = ""  # "" = $FEDCOLLM_CACHE or ~/.cache/fedcollm (GGUF de-quantized copies)
-    # torch.compile each model's decoder (LoRA layers included): fuses the element-wise work of
+    # torch.compile each decoder layer (LoRA layers included): fuses the element-wise work of
     # every LoRA projection into fewer kernels. For GPUs, where a step of a small model is bound
-    # by kernel launches (results/bench/README.md); each process pays the compile once (minutes
-    # on a CPU). Same results up to float rounding.
+    # by kernel launches (results/bench/README.md); each process pays the compile once (~30 s
+    # on 2 CPU cores for the default pair). Same results up to float rounding.
     compile: bool = False
 
 
@@ -224,9 +224,13 @@ class Config:
         """Short hash of everything that changes results (the output dir does not). A field
         added after results were cached leaves the digest as it was while at its default
         (DIGEST_NEW_FIELDS), so those cached results stay found. The transport is hashed as
-        resolved: "auto" that means fp32 is the same run as "fp32"."""
+        resolved: "auto" that means fp32 is the same run as "fp32"; federation.client_gpus is not
+        hashed."""
         d = self.to_dict()
         d["federation"]["transport"] = self.transport_mode()
+        # client_gpus packs simulated clients into Ray actors: where they train, not what they
+        # compute (a run on CUDA refuses 0). Hashed as "auto", the value every digest had.
+        d["federation"]["client_gpus"] = "auto"
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "progress", "resume")}
         for (section, key), default in DIGEST_NEW_FIELDS.items():
             if d[section].get(key) == default:

@@ -78,15 +78,35 @@ class Job:
     key: tuple  # where its result goes in the tables
 
 
+def sharing_one_gpu(cfg: Config) -> Config:
+    """The config of a job that runs beside others on the GPU: with federation.client_gpus
+    "auto", its simulated clients train one after another in one Ray actor instead of in one
+    actor each. Each actor holds its own CUDA context, SLM and activations (~4.5 GB at batch 32,
+    results/experiment-gpu/README.md): 3 concurrent jobs of 4 actors and a server each filled an
+    80 GB H100, while the other jobs keep the GPU busy anyway. Where clients train is not part of
+    the config's digest, so the cached results stay the same."""
+    import torch  # noqa: PLC0415
+
+    from fedcollm.runs.simulation import uses_cuda  # noqa: PLC0415
+
+    if cfg.federation.client_gpus != "auto" or not uses_cuda(cfg, torch.cuda.is_available()):
+        return cfg
+    return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, client_gpus=1.0))
+
+
 def run_in_child(cfg: Config, method: str, workdir: Path) -> dict:
     """METHODS[method](cfg, workdir) in a fresh process (`python -m fedcollm.experiment.job`):
     concurrent jobs must not share a process (models, Ray, the GPU's caching allocator)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_file, result_file = workdir.with_suffix(".job.toml"), workdir.with_suffix(".job.json")
-    config_file.write_text(cfg.to_toml())
+    config_file.write_text(sharing_one_gpu(cfg).to_toml())
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "fedcollm.experiment.job", str(config_file), method, str(workdir), str(result_file)]
-    code = subprocess.run(cmd).returncode
+    # Processes that come and go on one GPU: segments that grow and shrink leave less of its
+    # memory stranded between them (unless the user chose their own allocator settings).
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
+                                                                     "expandable_segments:True")}
+    code = subprocess.run(cmd, env=env).returncode
     if code != 0 or not result_file.is_file():
         raise FedCoLLMError(f"experiment: `{shlex.join(cmd)}` failed with exit code {code} (its log is above)")
     return json.loads(result_file.read_text())
@@ -139,7 +159,9 @@ class Cache:
 
     def run(self, jobs: list[Job], parallel: int) -> dict:
         """Every job's result by its key: cached ones, then the missing ones computed, `parallel`
-        at a time (each in its own process when more than one)."""
+        at a time (each in its own process when more than one). A job that fails beside others
+        is run once more, alone, after them: concurrent jobs can fail for want of GPU memory
+        that one job alone has. A job that fails alone raises; finished ones stay cached."""
         results, missing = {}, []
         for job in jobs:
             found = self.lookup(job)
@@ -151,10 +173,18 @@ class Cache:
             for job in missing:
                 results[job.key] = self.compute_job(job, in_child=False)
             return results
+        failed = []
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             futures = {pool.submit(self.compute_job, job, True): job for job in missing}
-            for future in as_completed(futures):  # a failed job raises here; finished ones stay cached
-                results[futures[future].key] = future.result()
+            for future in as_completed(futures):
+                try:
+                    results[futures[future].key] = future.result()
+                except FedCoLLMError as e:
+                    print(f"{futures[future].tag}: failed beside other jobs ({e}); it runs again alone "
+                          "when they are done", flush=True)
+                    failed.append(futures[future])
+        for job in failed:
+            results[job.key] = self.compute_job(job, in_child=True)
         return results
 
     def _folder(self, job: Job) -> Path:

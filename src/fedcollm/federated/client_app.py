@@ -59,6 +59,7 @@ class SLMClient(NumPyClient):
                     batch_size=cfg.client.batch_size, pad_id=components.pad_id(cfg, "slm"),
                     seed=seed, device=components.device_of(cfg), weight_decay=cfg.client.weight_decay)
         arrays = adapter_to_ndarrays(model)
+        components.release_cached_memory()  # idle until next round: the GPU's memory serves others
         print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "
               f"loss {stats['loss']:.3f} on {components.device_of(cfg)}", flush=True)
         metrics = {"loss": float(stats["loss"]), "steps": int(stats["steps"]), "partition": self.partition_id,

@@ -80,6 +80,7 @@ class FedCoLLMStrategy(Strategy):
     def __init__(self, cfg: Config, recorder: Recorder, grid=None, resume: dict | None = None):
         super().__init__()
         self.offset = resume["round"] if resume else 0
+        self.resumed = resume is not None  # also after round 0, where offset is 0
         self.cfg = cfg
         self.recorder = recorder
         self.grid = grid  # a CountingGrid, read after each round
@@ -219,8 +220,8 @@ class FedCoLLMStrategy(Strategy):
 
     def evaluate(self, server_round, parameters):
         rnd = server_round + self.offset
-        if server_round == 0 and self.offset:
-            return None  # the resumed state was scored before the interruption
+        if server_round == 0 and self.resumed:
+            return None  # the resumed state was recorded (and scored) before the interruption
         if server_round > 0 and not self.aggregated:
             if self.failed_round is None:  # this round produced no aggregate: log it once
                 # (SecAgg+ that halts below its threshold never calls aggregate_fit)
@@ -244,6 +245,7 @@ class FedCoLLMStrategy(Strategy):
         checkpoint.save(self.recorder.out, rnd, self.cfg.digest(), adapter_state(self.slm), llm_state,
                         self.recorder.rows)
         self.rounds_bar.update(1 if server_round else 0)
+        components.release_cached_memory()  # the clients train next, on the same GPU
         return 0.0, {}
 
     def score_last_state(self) -> None:
