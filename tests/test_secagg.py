@@ -123,11 +123,11 @@ def _assert_counted_bytes_are_the_wire_size(seen: dict, out: Path) -> None:
     assert all(s["arrays"] < s["payload"] < s["arrays"] * 1.05 + 4096 for s in sizes)  # adapter + a little framing
 
 
-@pytest.mark.parametrize("transport", ["fp16", "int8"])
+@pytest.mark.parametrize("transport", ["fp16", "int8", "int4"])
 def test_secure_aggregation_with_every_transport_equals_the_plain_runs_mean(smoke_cfg_module, tmp_path, transport):
     """SecAgg+ once averaged garbage with fp16 (it quantizes in the input's dtype) and refused
-    int8: now the clients hand it the transport's values in fp32, and the aggregate equals the
-    plain run's weighted mean of the decoded updates within SecAgg+'s bound."""
+    int8: now the clients hand it the transport's values in fp32 (int4's too), and the aggregate
+    equals the plain run's weighted mean of the decoded updates within SecAgg+'s bound."""
     base = _with(smoke_cfg_module, transport=transport)
     plain_seen = simulate(_one_round(base, tmp_path / "plain", secure=False))
     _assert_counted_bytes_are_the_wire_size(plain_seen, tmp_path / "plain")

@@ -1,4 +1,4 @@
-"""Adapter transport encodings: exact fp32, fp16, int8 with per-tensor scales."""
+"""Adapter transport encodings: exact fp32, fp16, int8 with per-tensor scales, int4 with per-group scales."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedcollm.config import load_config
-from fedcollm.federated.transport import decode, encode
+from fedcollm.federated.transport import INT4_GROUP, decode, encode
 from fedcollm.runs.simulation import run_simulation
 
 ARRAYS = [np.random.default_rng(0).normal(scale=0.05, size=s).astype(np.float32) for s in [(8, 64), (64, 8), (5,)]]
@@ -31,8 +31,25 @@ def test_int8_error_is_at_most_half_a_step():
         assert np.max(np.abs(a - b)) <= step / 2 + 1e-7
 
 
-def test_zero_tensor_survives_int8():
-    assert not decode(encode([np.zeros((3, 3), np.float32)], "int8"), "int8")[0].any()
+def test_int4_error_is_at_most_half_a_step_of_each_group():
+    """Each group of INT4_GROUP values (a tensor's last group padded) rounds on its own scale,
+    so a small tensor next to a large one keeps its precision."""
+    arrays = [*ARRAYS, np.full((3, 5), 1e-4, np.float32), np.zeros((0,), np.float32)]
+    wire = encode(arrays, "int4")
+    groups = sum(-(-a.size // INT4_GROUP) for a in arrays)
+    assert [w.dtype for w in wire] == [np.uint8, np.float32, np.int64]
+    assert wire[0].size == groups * INT4_GROUP // 2 and wire[1].size == groups
+    for a, b in zip(decode(wire, "int4"), arrays):
+        assert a.shape == b.shape and a.dtype == np.float32
+        flat, got = np.pad(b.ravel(), (0, -b.size % INT4_GROUP)), np.pad(a.ravel(), (0, -a.size % INT4_GROUP))
+        step = np.abs(flat).reshape(-1, INT4_GROUP).max(axis=1, initial=0) / 7
+        assert np.all(np.abs(got - flat).reshape(-1, INT4_GROUP).max(axis=1, initial=0) <= step / 2 + 1e-9)
+    np.testing.assert_array_equal(decode(wire, "int4")[3], arrays[3])  # one value per group: exact
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_zero_tensor_survives(mode):
+    assert not decode(encode([np.zeros((3, 3), np.float32)], mode), mode)[0].any()
 
 
 @pytest.mark.parametrize("wire,mode,message", [
@@ -40,6 +57,11 @@ def test_zero_tensor_survives_int8():
     ([np.zeros(3, np.float32)], "fp16", "expected float16"),
     ([np.zeros(3, np.int8)], "int8", "needs (values, scale) pairs"),
     ([np.zeros(3, np.float32), np.ones(1, np.float32)], "int8", "not an int8 array"),
+    ([np.zeros(32, np.uint8), np.ones(1, np.float32)], "int4", "needs 3 arrays"),
+    ([np.zeros(32, np.int8), np.ones(1, np.float32), np.array([1, 64])], "int4", "arrived as int8, float32, int64"),
+    ([np.zeros(31, np.uint8), np.ones(1, np.float32), np.array([1, 64])], "int4", "31 packed bytes do not fit 1 scales"),
+    ([np.zeros(32, np.uint8), np.ones(1, np.float32), np.array([1, 65])], "int4", "tensor 0 (shape (65,)) does not fit"),
+    ([np.zeros(64, np.uint8), np.ones(2, np.float32), np.array([1, 64])], "int4", "the shapes cover 64 of the 128 values"),
 ])
 def test_decode_refuses_what_does_not_fit(wire, mode, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -154,7 +154,7 @@ class FederationConfig:
     # reconstruction_threshold fraction of them (0.75: 3 of 4) can unmask the sum, so one
     # dropout in four is survived.
     # Adapter encoding on the wire: fp32 | fp16 (half the bytes) | int8 (+1 scale per tensor,
-    # a quarter) | auto: int8, or fp32 under differential privacy (int8 scored the same items
+    # a quarter) | int4 (+1 scale per 64 values, 14%) | auto: int8, or fp32 under differential privacy (int8 scored the same items
     # as fp32 in results/traffic/; DP needs fp32). See federated/transport.py. Under SecAgg+
     # the uplink carries SecAgg+'s own integers (as uint32): a client rounds its update to the
     # transport's precision, then hands it to SecAgg+ in fp32 (so the aggregate equals the
@@ -273,7 +273,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "mcq_jsonl"),
     "data.eval_split": ("test", "validation", "train_holdout"),
     "data.partition": ("iid", "dirichlet", "topic"),
-    "federation.transport": ("auto", "fp32", "fp16", "int8"),
+    "federation.transport": ("auto", "fp32", "fp16", "int8", "int4"),
     "privacy.mode": ("off", "central-client-clipping", "central-server-clipping"),
     "distill.level": ("token", "choice"),
 }
