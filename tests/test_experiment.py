@@ -187,8 +187,10 @@ def test_paired_bootstrap_intervals():
 
 # --- one table, one code version ---------------------------------------------------------------
 
-def _fake_method(acc: float):
+def _fake_method(acc: float, workdirs: list | None = None):
     def run(cfg, workdir):
+        if workdirs is not None:
+            workdirs.append(workdir)
         return {"slm": {"acc": acc, "acc_norm": acc, "n": 1}, "llm": None}
     return run
 
@@ -197,12 +199,13 @@ def test_results_of_other_code_are_recomputed_or_refused(smoke_cfg, tmp_path, mo
     from fedcollm.errors import FedCoLLMError  # noqa: PLC0415
     from fedcollm.experiment import runner  # noqa: PLC0415
 
-    monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(0.5))
+    old_dirs, new_dirs = [], []
+    monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(0.5, old_dirs))
     monkeypatch.setattr(runner, "code_version", lambda: "old")
     runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [0, 1], ["standalone"], tmp_path, "cmd")
     # The code changes; seed 1 is computed by the new code, seed 0 kept from the old.
     monkeypatch.setattr(runner, "code_version", lambda: "new")
-    monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(0.75))
+    monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(0.75, new_dirs))
     cache = tmp_path / "cache" / "mcq_jsonl" / "standalone"
     next(cache.glob("seed1-*-old.json")).unlink()
     runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [1], ["standalone"], tmp_path, "cmd")
@@ -219,6 +222,9 @@ def test_results_of_other_code_are_recomputed_or_refused(smoke_cfg, tmp_path, mo
     assert doc["meta"]["result_versions"] == {"new": 2}
     assert {r["slm"]["acc"] for r in doc["results"]["mcq_jsonl"]["standalone"].values()} == {0.75}
     assert "Mixed" not in (tmp_path / "table1.md").read_text()
+    # ... each in a run folder of its own code: never resuming the old code's checkpoint there
+    assert [d.name.rsplit("-", 1)[1] for d in old_dirs + new_dirs] == ["old"] * 2 + ["new"] * 2
+    assert not set(old_dirs) & set(new_dirs)
 
 
 def test_missing_seeds_are_counted_in_the_cell():

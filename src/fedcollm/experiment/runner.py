@@ -141,7 +141,10 @@ class Cache:
         """Run the job (here, or in a child process of its own), cache its result, return it."""
         print(f"{job.tag}: running", flush=True)
         t0 = time.time()
-        workdir = self.out / "runs" / job.cfg.data.dataset / job.method / f"seed{job.seed_key}-{job.cfg.digest()}"
+        # The code version in the name: a run killed earlier resumes from its checkpoint only
+        # when the same code computes it (new code once resumed an old code's finished run).
+        name = f"seed{job.seed_key}-{job.cfg.digest()}-{self.code}"
+        workdir = self.out / "runs" / job.cfg.data.dataset / job.method / name
         result = run_in_child(job.cfg, job.method, workdir) if in_child else METHODS[job.method](job.cfg, workdir)
         if result.pop("code_version", self.code) != self.code:
             raise FedCoLLMError("experiment: the code changed while it ran (a child run reports another code "

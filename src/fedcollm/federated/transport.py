@@ -66,8 +66,8 @@ def decode(arrays: list[np.ndarray], mode: str) -> list[np.ndarray]:
 
 def _encode_int4(arrays: list[np.ndarray]) -> list[np.ndarray]:
     """[packed uint8 values, fp32 scale per group, int64 shapes as (ndim, *dims) per tensor].
-    Each tensor is padded to whole groups, so no group mixes two tensors' magnitudes (a LoRA A
-    is ~30× a B)."""
+    Each tensor is padded to whole groups, so no group mixes two tensors' magnitudes (a LoRA A's
+    values are far larger than its B's)."""
     groups = [np.pad(np.asarray(a, np.float32).ravel(), (0, -a.size % INT4_GROUP)).reshape(-1, INT4_GROUP)
               for a in arrays]
     values = np.concatenate(groups) if groups else np.zeros((0, INT4_GROUP), np.float32)
