@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -13,14 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Message
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from safetensors.numpy import load_file
 from sim import simulate
 
+from fedcollm import checkpoint
+from fedcollm.cli import _resume_config
 from fedcollm.errors import FedCoLLMError
 from fedcollm.federated.validate import update_problem
+from fedcollm.version import code_version
 
 
 # --- kill and resume -------------------------------------------------------------------------
@@ -121,6 +126,22 @@ def test_resume_refuses_a_changed_config_unless_forced(mcq_files, tmp_path, unin
     missing = subprocess.run(_run_cmd(tmp_path / "nothing", mcq_files, "--resume", str(tmp_path / "nothing")),
                              capture_output=True, text=True, timeout=600)
     assert missing.returncode == 2 and "no checkpoint.pt there" in missing.stderr
+
+
+def test_resume_by_other_code_is_allowed_and_said(smoke_cfg, tmp_path, capsys):
+    """A fix installed mid-run may continue it, but the run must say which rounds the old code made."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.toml").write_text(smoke_cfg.to_toml())
+    checkpoint.save(out, 1, smoke_cfg.digest(), {}, {}, [])
+    args = argparse.Namespace(resume=str(out), config=None, overrides=[], preset=None, force=False)
+    assert _resume_config(args).run.resume and "warning" not in capsys.readouterr().err  # same code: silent
+    state = torch.load(out / checkpoint.NAME, weights_only=True)
+    torch.save({**state, "code_version": "0123456789ab"}, out / checkpoint.NAME)
+    assert _resume_config(args).run.resume
+    assert capsys.readouterr().err.strip() == (
+        f"[fedcollm] warning: --resume {out}: its rounds 0-1 were computed by other code "
+        f"(version 0123456789ab, this is {code_version()})")
 
 
 # --- client faults and bad updates -----------------------------------------------------------

@@ -45,6 +45,11 @@ def _resume_config(args):
     if cfg.digest() != state["config_digest"] and not args.force:
         raise FedCoLLMError(f"--resume {out}: the config differs from the one its checkpoint was made with; "
                             "pass --force to resume with it anyway")
+    from fedcollm.version import code_version  # noqa: PLC0415
+
+    if state.get("code_version", code_version()) != code_version():  # e.g. a fix installed mid-run: allowed, said
+        print(f"[fedcollm] warning: --resume {out}: its rounds 0-{state['round']} were computed by other code "
+              f"(version {state['code_version']}, this is {code_version()})", file=sys.stderr, flush=True)
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out), resume=True))
 
 
