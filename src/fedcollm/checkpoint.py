@@ -24,7 +24,8 @@ NAME = "checkpoint.pt"
 def save(out: Path, round_: int, digest: str, slm_state: dict, llm_state: dict, rows: list[dict]) -> Path:
     target = Path(out) / NAME
     tmp = target.with_name(f".{NAME}.tmp-{os.getpid()}")
-    state = {"round": round_, "config_digest": digest, "code_version": code_version(), "rows_json": json.dumps(rows),
+    state = {"round": round_, "config_digest": digest, "code_version": code_version(),
+             "rows_json": json.dumps(rows),
              "slm": {k: v.detach().cpu() for k, v in slm_state.items()},
              "llm": {k: v.detach().cpu() for k, v in llm_state.items()},
              "torch_rng": torch.get_rng_state()}

@@ -154,8 +154,9 @@ class FederationConfig:
     # reconstruction_threshold fraction of them (0.75: 3 of 4) can unmask the sum, so one
     # dropout in four is survived.
     # Adapter encoding on the wire: fp32 | fp16 (half the bytes) | int8 (+1 scale per tensor,
-    # a quarter) | int4 (+1 scale per 64 values, 14%) | auto: int8, or fp32 under differential privacy (int8 scored the same items
-    # as fp32 in results/traffic/; DP needs fp32). See federated/transport.py. Under SecAgg+
+    # a quarter) | int4 (+1 scale per 64 values, 14%) | auto: int8, or fp32 under differential
+    # privacy (int8 scored the same items as fp32 in results/traffic/, int4 cost the SLM about a
+    # point; DP needs fp32). See federated/transport.py. Under SecAgg+
     # the uplink carries SecAgg+'s own integers (as uint32): a client rounds its update to the
     # transport's precision, then hands it to SecAgg+ in fp32 (so the aggregate equals the
     # plain run's, within SecAgg+'s bound).

@@ -67,8 +67,8 @@ class SLMClient(NumPyClient):
         wire = transport.encode(arrays, mode)
         if cfg.federation.secure_aggregation:
             # SecAgg+ quantizes in the input's dtype (fp16 overflows) and sums across clients
-            # (int8's per-client scales cannot be summed): hand it the values the transport
-            # would deliver, in fp32. Its own masked integers are what travels.
+            # (int8's and int4's per-client scales cannot be summed): hand it the values the
+            # transport would deliver, in fp32. Its own masked integers are what travels.
             wire = transport.decode(wire, mode)
             check_in_range(wire, cfg.federation.secagg_clipping_range, f"client {self.partition_id}")
             # SecAgg+ rounds stochastically with numpy's global RNG right after this returns.
