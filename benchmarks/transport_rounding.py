@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from fedcollm import components
 from fedcollm.config import load_config
-from fedcollm.eval.mcq import evaluate
+from fedcollm.experiment.methods import _scores
 from fedcollm.federated import transport
 from fedcollm.models.lora import adapter_to_ndarrays, load_adapter_ndarrays
 
@@ -31,16 +31,13 @@ def rounding_check(run: Path, modes: list[str]) -> dict:
     cfg = load_config(run / "config.toml")
     slm = components.build_slm(cfg)
     set_peft_model_state_dict(slm, load_file(run / "adapters" / "slm" / "adapter_model.safetensors"))
-    data = components.server_data(cfg)
     saved = adapter_to_ndarrays(slm)
     norm = np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in saved))
     out = {}
     for mode in ["as saved", *modes]:
         arrays = saved if mode == "as saved" else transport.decode(transport.encode(saved, mode), mode)
         load_adapter_ndarrays(slm, arrays)
-        score = evaluate(slm, components.tokenizer(cfg, "slm"), data.evals, requests=data.eval_requests["slm"],
-                         max_length=cfg.data.max_length, batch_size=cfg.run.eval_batch_size,
-                         device=components.device_of(cfg), progress=False)
+        score = _scores(slm, cfg, "slm", f"eval SLM {mode}")  # the experiment's own scoring
         error = np.sqrt(sum(np.sum(np.square(a.astype(np.float64) - b)) for a, b in zip(arrays, saved))) / norm
         out[mode] = {"acc": score["acc"], "relative_error": float(error)}
         print(f"{run.name} {mode}: SLM acc {100 * score['acc']:.1f}, adapter rounding error {100 * error:.2f}%",

@@ -44,7 +44,7 @@ def test_int4_error_is_at_most_half_a_step_of_each_group():
         flat, got = np.pad(b.ravel(), (0, -b.size % INT4_GROUP)), np.pad(a.ravel(), (0, -a.size % INT4_GROUP))
         step = np.abs(flat).reshape(-1, INT4_GROUP).max(axis=1, initial=0) / 7
         assert np.all(np.abs(got - flat).reshape(-1, INT4_GROUP).max(axis=1, initial=0) <= step / 2 + 1e-9)
-    np.testing.assert_array_equal(decode(wire, "int4")[3], arrays[3])  # one value per group: exact
+    np.testing.assert_array_equal(decode(wire, "int4")[3], arrays[3])  # every value its group's peak: exact
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
