@@ -21,11 +21,13 @@ def strategy(smoke_cfg, tmp_path):
     cfg = dataclasses.replace(smoke_cfg, distill=dataclasses.replace(smoke_cfg.distill, epochs=0),
                               federation=dataclasses.replace(smoke_cfg.federation, max_client_examples=20,
                                                              max_update_norm=50.0, transport="fp32"))
-    return FedCoLLMStrategy(cfg, Recorder(tmp_path, echo=False))
+    strategy = FedCoLLMStrategy(cfg, Recorder(tmp_path, echo=False))
+    strategy.initialize_parameters(None)  # the reference the clients' updates are checked against
+    return strategy
 
 
 def _results(clients, weights):
-    return [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(c), w, {"loss": 1.0, "partition": k}))
+    return [(_Proxy(str(k)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(c), w, {"loss": 1.0, "partition": k}))
             for k, (c, w) in enumerate(zip(clients, weights))]
 
 
@@ -63,9 +65,7 @@ def test_the_norm_check_measures_the_update_not_the_adapter(strategy):
     # The global adapter itself is large (norm well above 50): a client that barely moves it passes.
     big_global = [a * 0 + 3.0 for a in base]
     assert np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in big_global)) > 50
-    from fedcollm.models.lora import load_adapter_ndarrays  # noqa: PLC0415
-
-    load_adapter_ndarrays(strategy.slm, big_global)
+    strategy.reference.publish(big_global)  # fp32 transport: the clients hold it as it is
     rng = np.random.default_rng(2)
     small_step = _noisy(big_global, rng, scale=1e-3)
     big_step = [a + 1.0 for a in big_global]  # ‖Δ‖ = sqrt(#params) ≫ 50
@@ -79,7 +79,7 @@ def test_the_norm_check_measures_the_update_not_the_adapter(strategy):
 
 class _Proxy:  # the part of a ClientProxy that a client manager and FedAvg's sampling use
     def __init__(self, cid: str):
-        self.cid = cid
+        self.cid, self.node_id = cid, int(cid)
 
 
 def _manager(n: int):
@@ -97,13 +97,11 @@ def test_a_round_waits_at_most_round_timeout_for_missing_clients(smoke_cfg, tmp_
     least min_clients, and stops the run with the reason if not (Flower alone waits 24 hours)."""
     import time  # noqa: PLC0415
 
-    from flwr.common import ndarrays_to_parameters as to_params  # noqa: PLC0415
-
     cfg = dataclasses.replace(smoke_cfg, federation=dataclasses.replace(
         smoke_cfg.federation, round_timeout=1.0, min_clients=min_clients))
     strategy = FedCoLLMStrategy(cfg, Recorder(tmp_path, echo=False))
     t0 = time.time()
-    chosen = strategy.configure_fit(1, to_params(adapter_to_ndarrays(strategy.slm)), _manager(2))
+    chosen = strategy.configure_fit(1, strategy.initialize_parameters(None), _manager(2))
     assert time.time() - t0 < 10
     assert len(chosen) == expected
     if expected == 0:

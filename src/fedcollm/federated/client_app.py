@@ -9,12 +9,13 @@ import torch
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
 from fedcollm import components
 from fedcollm.config import Config
 from fedcollm.errors import FedCoLLMError
-from fedcollm.federated import privacy, transport
+from fedcollm.federated import privacy, reference, transport
 from fedcollm.federated.app_config import config_from_run_config
 from fedcollm.federated.secagg import check_in_range, narrow_masked_vectors
 from fedcollm.models.lora import adapter_to_ndarrays, load_adapter_ndarrays
@@ -28,10 +29,12 @@ def in_simulation() -> bool:
 
 
 class SLMClient(NumPyClient):
-    def __init__(self, cfg: Config, partition_id: int, train_file: str = ""):
+    def __init__(self, cfg: Config, partition_id: int, train_file: str = "", state: RecordDict | None = None):
         self.cfg = cfg
         self.partition_id = partition_id
         self.train_file = train_file  # node-config train-file: this client's own data
+        # The node's context.state: keeps the global adapter between rounds (federated/reference.py).
+        self.state = state if state is not None else RecordDict()
 
     def examples(self):
         if self.train_file:
@@ -51,7 +54,8 @@ class SLMClient(NumPyClient):
             raise FedCoLLMError(f"client {self.partition_id}: {weight} training examples exceed the "
                                 f"server's federation.max_client_examples = {cap}")
         mode = cfg.transport_mode()
-        load_adapter_ndarrays(model, transport.decode(parameters, mode))
+        held = reference.receive(parameters, config, self.state, mode, f"client {self.partition_id}")
+        load_adapter_ndarrays(model, held)
         rnd = int(config.get("round", 0))
         seed = cfg.run.seed * 1_000_003 + rnd * 1009 + self.partition_id
         torch.manual_seed(seed)  # LoRA dropout: same run, same seed, same adapter
@@ -64,11 +68,12 @@ class SLMClient(NumPyClient):
               f"loss {stats['loss']:.3f} on {components.device_of(cfg)}", flush=True)
         metrics = {"loss": float(stats["loss"]), "steps": int(stats["steps"]), "partition": self.partition_id,
                    "device": str(components.device_of(cfg)), "examples": len(examples)}
-        wire = transport.encode(arrays, mode)
+        wire = transport.encode(reference.uplink(arrays, held, mode), mode)
         if cfg.federation.secure_aggregation:
             # SecAgg+ quantizes in the input's dtype (fp16 overflows) and sums across clients
             # (int8's and int4's per-client scales cannot be summed): hand it the values the
-            # transport would deliver, in fp32. Its own masked integers are what travels.
+            # transport would deliver (the change, for a lossy one), in fp32. Its own masked
+            # integers are what travels.
             wire = transport.decode(wire, mode)
             check_in_range(wire, cfg.federation.secagg_clipping_range, f"client {self.partition_id}")
             # SecAgg+ rounds stochastically with numpy's global RNG right after this returns.
@@ -105,7 +110,7 @@ def make_client_app(cfg: Config | None = None, extra_mods=()) -> ClientApp:
     def client_fn(context):
         c = cfg or config_from_run_config(context.run_config)
         own = str(context.node_config.get("train-file", ""))
-        return SLMClient(c, partition_of(context, c.data.num_clients), own).to_client()
+        return SLMClient(c, partition_of(context, c.data.num_clients), own, context.state).to_client()
 
     # Order matters: DP clipping acts on the update before SecAgg+ masks it.
     return ClientApp(client_fn=client_fn, mods=[*extra_mods, secure_aggregation_mod, privacy.clipping_mod])

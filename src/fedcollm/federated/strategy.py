@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 import torch
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg, Strategy
 from flwr.server.strategy.aggregate import aggregate
 from tqdm.auto import tqdm
@@ -37,7 +37,7 @@ from fedcollm.config import Config
 from fedcollm.crash import maybe_kill
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import evaluate
-from fedcollm.federated import privacy, transport
+from fedcollm.federated import privacy, reference, transport
 from fedcollm.federated.validate import update_problem
 from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, load_adapter_ndarrays
 from fedcollm.report import Recorder
@@ -109,6 +109,9 @@ class FedCoLLMStrategy(Strategy):
             if self.llm is not None:
                 set_peft_model_state_dict(self.llm, resume["llm"])
             torch.set_rng_state(resume["torch_rng"])  # for any draw that is not seeded per round
+        # The adapter the clients hold, and the changes that bring each one up to date.
+        self.reference = reference.ServerReference(
+            cfg.transport_mode(), adapter_to_ndarrays(self.slm) if resume else None)
         self.round_stats: dict = {}
         self.stopped: str | None = None  # why the run ended early, if it did
         self.failed_round: int | None = None
@@ -123,13 +126,17 @@ class FedCoLLMStrategy(Strategy):
         return f"FedCoLLMStrategy({self.aggregator!r} + server mutual KD)"
 
     def _broadcast(self):
-        return ndarrays_to_parameters(transport.encode(adapter_to_ndarrays(self.slm), self.cfg.transport_mode()))
+        """The new global adapter as the clients will hold it (fp32; `configure_fit` encodes)."""
+        return ndarrays_to_parameters(self.reference.publish(adapter_to_ndarrays(self.slm)))
 
     def _decode(self, res) -> list[np.ndarray]:
-        arrays = parameters_to_ndarrays(res.parameters)
+        """A client's adapter (with SecAgg+: the mean adapter), fp32, from what it sent."""
+        arrays, mode = parameters_to_ndarrays(res.parameters), self.cfg.transport_mode()
         if self.cfg.federation.secure_aggregation:  # the unmasked aggregate, made on this server
-            return [a.astype(np.float32) for a in arrays]
-        return transport.decode(arrays, self.cfg.transport_mode())
+            arrays = [a.astype(np.float32) for a in arrays]
+        else:
+            arrays = transport.decode(arrays, mode)
+        return reference.restore(arrays, self.reference.held, mode)
 
     def initialize_parameters(self, client_manager):
         return self._broadcast()
@@ -153,18 +160,22 @@ class FedCoLLMStrategy(Strategy):
                             f"federation.min_clients = {f.min_clients}")
             self.sampled = 0
             return []
-        instructions = self.aggregator.configure_fit(server_round, parameters, client_manager)
+        instructions = []
+        for proxy, ins in self.aggregator.configure_fit(server_round, parameters, client_manager):
+            arrays, meta = self.reference.message(proxy.node_id)  # per node: what it holds differs
+            instructions.append((proxy, FitIns(ndarrays_to_parameters(arrays), {**ins.config, **meta})))
         self.sampled = len(instructions)
         return instructions
 
     def aggregate_fit(self, server_round, results, failures):
         rnd = server_round + self.offset
-        reference = adapter_to_ndarrays(self.slm)
+        held = self.reference.held
         accepted, rejected = [], []  # accepted: (proxy, res, fp32 arrays)
         for proxy, res in results:
+            self.reference.confirm(proxy.node_id)  # it replied: it holds this round's reference
             try:
                 arrays = self._decode(res)
-                problem = update_problem(arrays, reference, res.num_examples, self.max_update_norm, self.max_examples)
+                problem = update_problem(arrays, held, res.num_examples, self.max_update_norm, self.max_examples)
             except ValueError as e:
                 problem = str(e)
             if problem:
@@ -193,7 +204,7 @@ class FedCoLLMStrategy(Strategy):
         stats["client_devices"] = sorted({str(r.metrics["device"]) for _, r, _ in accepted if "device" in r.metrics})
         if not self.cfg.federation.secure_aggregation:  # ‖θ_k − θ_global‖ per client (e.g. to choose a DP clip)
             stats["update_norms"] = [float(np.sqrt(sum(np.sum(np.square(a.astype(np.float64) - g))
-                                                       for a, g in zip(arrays, reference)))) for _, _, arrays in accepted]
+                                                       for a, g in zip(arrays, held)))) for _, _, arrays in accepted]
         # Flower's FedAvg arithmetic on the decoded fp32 updates; under DP, Flower's wrapper clips
         # (server-side mode) and adds its noise, drawn from numpy's global RNG: seeded per round.
         if self.privacy:
@@ -233,8 +244,8 @@ class FedCoLLMStrategy(Strategy):
             self.round_stats = {}
             return None
         self.aggregated = False
-        # What the clients hold: the broadcast after its (possibly lossy) transport encoding.
-        load_adapter_ndarrays(self.slm, transport.decode(parameters_to_ndarrays(parameters), self.cfg.transport_mode()))
+        # What the clients hold: the reference, after the (possibly lossy) transport's rounding.
+        load_adapter_ndarrays(self.slm, parameters_to_ndarrays(parameters))
         row = {"round": rnd, **(self._score(rnd) if self._scored(rnd) else {}), **self.round_stats,
                **(self._take_traffic() if server_round else {})}
         if server_round:
