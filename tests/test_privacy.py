@@ -96,11 +96,13 @@ def test_server_side_clipping_bounds_each_contribution_by_c(smoke_cfg, tmp_path)
                               run=dataclasses.replace(cfg.run, out_dir=str(tmp_path)))
     strategy = FedCoLLMStrategy(cfg, Recorder(tmp_path, echo=False))
     g = adapter_to_ndarrays(strategy.slm)
-    strategy.aggregator.configure_fit(1, ndarrays_to_parameters(g), _Manager(4))  # the wrapper keeps θ_global
+    global_params = strategy.initialize_parameters(None)  # DP's fp32: the adapter as it is
+    strategy.aggregator.configure_fit(1, global_params, _Manager(4))  # the wrapper keeps θ_global
     rng = np.random.default_rng(0)
     small = [[a + rng.normal(scale=1e-4, size=a.shape).astype(np.float32) for a in g] for _ in range(3)]
     huge = [a + 10.0 for a in g]
-    results = [(p, dataclasses.replace(r, metrics={"partition": k})) for k, (p, r) in enumerate(_fit_results([*small, huge]))]
+    results = [(_Manager(4).clients[str(k)], dataclasses.replace(r, metrics={"partition": k}))
+               for k, (_, r) in enumerate(_fit_results([*small, huge]))]
     strategy.aggregate_fit(1, results, [])
     got = adapter_to_ndarrays(strategy.slm)
     huge_clipped = [a + (h - a) * (0.5 / _norm([hh - aa for hh, aa in zip(huge, g)])) for a, h in zip(g, huge)]
@@ -114,7 +116,7 @@ class _Manager:
     """Four connected clients, for the wrappers' configure_fit."""
 
     def __init__(self, n):
-        self.clients = {str(i): type("P", (), {"cid": str(i)})() for i in range(n)}
+        self.clients = {str(i): type("P", (), {"cid": str(i), "node_id": i})() for i in range(n)}
 
     def num_available(self):
         return len(self.clients)
@@ -201,10 +203,11 @@ def test_privacy_with_secure_aggregation_end_to_end(smoke_cfg, tmp_path):
     moved = {}  # how far what the server received moved from the initial global adapter
     for name, cfg in (("plain", plain), ("dp", dp)):
         _, _, arrays = simulate(cfg)["fit_inputs"][1][0]  # plain: client 0's update; dp: the SecAgg+ mean
-        if not cfg.federation.secure_aggregation:  # the plain run's wire encoding (int8 by default)
-            arrays = decode(arrays, cfg.transport_mode())
-        g0 = adapter_to_ndarrays(components.build_slm(cfg))
-        moved[name] = _norm([a.astype(np.float64) - b for a, b in zip(arrays, g0)])
+        if cfg.federation.secure_aggregation:  # DP: fp32, the adapter itself
+            g0 = adapter_to_ndarrays(components.build_slm(cfg))
+            moved[name] = _norm([a.astype(np.float64) - b for a, b in zip(arrays, g0)])
+        else:  # the plain run's wire encoding (int8 by default): the change itself
+            moved[name] = _norm([a.astype(np.float64) for a in decode(arrays, cfg.transport_mode())])
     assert moved["dp"] <= 0.01 + 1e-3 < moved["plain"]
     summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
     assert summary["privacy"]["mode"] == "central-client-clipping"

@@ -95,4 +95,5 @@ def test_default_run_sends_a_fraction_of_fp32_bytes(smoke_cfg, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "int8" / "metrics.jsonl").read_text().splitlines()]
     for row in rows[1:]:
         assert row["clients_ok"] == 4 and row["clients_failed"] == 0 and not row["rejected"]
+        assert row["sent_whole"] == 0
     assert rows[2]["bytes_down_per_client"] == rows[1]["bytes_down_per_client"] < 0.5 * fp32_payload

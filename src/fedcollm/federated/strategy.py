@@ -117,6 +117,7 @@ class FedCoLLMStrategy(Strategy):
         self.failed_round: int | None = None
         self.aggregated = False  # this round produced a global adapter
         self.sampled = 0  # clients asked to fit this round
+        self.sent_whole = 0  # of them, sent the adapter whole rather than changes
         self.round_t0 = time.time()
         self.last_items: dict = {}  # per-item correctness of the last scoring (paired tests)
         self.rounds_bar = tqdm(total=cfg.federation.rounds, initial=self.offset, desc="rounds",
@@ -165,6 +166,9 @@ class FedCoLLMStrategy(Strategy):
             arrays, meta = self.reference.message(proxy.node_id)  # per node: what it holds differs
             instructions.append((proxy, FitIns(ndarrays_to_parameters(arrays), {**ins.config, **meta})))
         self.sampled = len(instructions)
+        # Under a lossy transport, clients sent the adapter whole (fp32) as they held no recent
+        # version (new, resumed server, or no reply last round): why a round's downlink grew.
+        self.sent_whole = sum(1 for _, ins in instructions if not ins.config[reference.STEPS])
         return instructions
 
     def aggregate_fit(self, server_round, results, failures):
@@ -186,6 +190,8 @@ class FedCoLLMStrategy(Strategy):
         accepted.sort(key=lambda a: (a[1].metrics.get("partition", -1), getattr(a[0], "node_id", 0)))
         stats: dict = {"clients_ok": len(accepted), "clients_failed": self.sampled - len(results),
                        "rejected": rejected, "fit_s": time.time() - self.round_t0}
+        if reference.sends_changes(self.cfg.transport_mode()):
+            stats["sent_whole"] = self.sent_whole
         self.round_stats = stats
         for r in rejected:
             print(f"[fedcollm] round {rnd}: rejected the update of client {r['client']} "
