@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import subprocess
 import sys
@@ -225,6 +226,24 @@ def test_results_of_other_code_are_recomputed_or_refused(smoke_cfg, tmp_path, mo
     # ... each in a run folder of its own code: never resuming the old code's checkpoint there
     assert [d.name.rsplit("-", 1)[1] for d in old_dirs + new_dirs] == ["old"] * 2 + ["new"] * 2
     assert not set(old_dirs) & set(new_dirs)
+
+
+def test_mixed_versions_use_the_last_computed_result_whatever_the_files_mtime(smoke_cfg, tmp_path, monkeypatch):
+    """A checkout gives committed cache files one mtime (or any order): the result recorded as
+    computed last is the one tabulated."""
+    from fedcollm.experiment import runner  # noqa: PLC0415
+
+    for code, acc in (("old", 0.5), ("new", 0.75)):
+        monkeypatch.setattr(runner, "code_version", lambda code=code: code)
+        monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(acc))
+        runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [0], ["standalone"], tmp_path, "cmd")
+    cache = tmp_path / "cache" / "mcq_jsonl" / "standalone"
+    old, new = next(cache.glob("seed0-*-old.json")), next(cache.glob("seed0-*-new.json"))
+    os.utime(old, (new.stat().st_mtime + 100,) * 2)  # the older result now looks newer on disk
+    monkeypatch.setattr(runner, "code_version", lambda: "other")
+    doc = runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [0], ["standalone"], tmp_path, "cmd",
+                                compute=False, allow_mixed=True)
+    assert doc["results"]["mcq_jsonl"]["standalone"]["0"]["slm"]["acc"] == 0.75
 
 
 def test_missing_seeds_are_counted_in_the_cell():

@@ -64,9 +64,10 @@ def version_of(doc: dict) -> str:
 
 
 def _cached(folder: Path, seed_key: str, digest: str) -> list[dict]:
-    """Every cached result of one job, newest first, whatever code made it."""
-    paths = sorted(folder.glob(f"seed{seed_key}-{digest}*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [json.loads(p.read_text()) for p in paths]
+    """Every cached result of one job, newest first, whatever code made it: by the time it
+    records (a checkout gives committed files one mtime), then by mtime (older results)."""
+    docs = [(json.loads(p.read_text()), p.stat().st_mtime) for p in folder.glob(f"seed{seed_key}-{digest}*.json")]
+    return [d for d, _ in sorted(docs, key=lambda dm: (dm[0].get("computed_at", 0.0), dm[1]), reverse=True)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +154,7 @@ class Cache:
         _write_atomic(self._folder(job) / f"seed{job.seed_key}-{job.cfg.digest()}-{self.code}.json",
                       {"dataset": job.cfg.data.dataset, "method": job.method, "seed": job.seed_key,
                        "config_digest": job.cfg.digest(), "code_version": self.code, "git_commit": git_commit(),
-                       "result": result})
+                       "computed_at": time.time(), "result": result})
         with self._lock:
             self.versions[self.code] += 1
         print(f"{job.tag}: done in {result['seconds']:.0f} s: SLM {_acc(result['slm'])} LLM {_acc(result['llm'])}",

@@ -6,10 +6,11 @@ scale = max|x| / 127 (symmetric, round to nearest): a quarter of fp32's bytes. i
 values a byte with one fp32 scale per group of INT4_GROUP values (max|x| / 7 over the group),
 the whole adapter in three arrays (packed values, scales, shapes): 0.5625 bytes a value, 14% of
 fp32's bytes. Its scales are per group, not per tensor, because 15 levels over a whole tensor
-would spend them on its few largest values. Under SecAgg+ a client rounds its update to the
-transport's precision and hands SecAgg+ those values in fp32 (int8's and int4's per-client
-scales cannot be summed): the uplink then carries SecAgg+'s own masked integers, and only the
-downlink the transport's encoding.
+would spend them on its few largest values. A lossy transport encodes changes against the
+adapter both sides hold, not the adapter itself (federated/reference.py). Under SecAgg+ a
+client rounds its change to the transport's precision and hands SecAgg+ those values in fp32
+(int8's and int4's per-client scales cannot be summed): the uplink then carries SecAgg+'s own
+masked integers, and only the downlink the transport's encoding.
 
 `federation.transport = "auto"` (the default; `Config.transport_mode` resolves it) is int8,
 or fp32 under differential privacy. int8 got the same validation items right as fp32 on every
