@@ -26,7 +26,7 @@ def test_fit_on_own_partition_and_on_own_file(smoke_cfg, tmp_path):
     message, config = first_message(smoke_cfg)
     arrays, n, metrics = SLMClient(smoke_cfg, 2).fit(message, config)
     assert n == len(components.client_examples(smoke_cfg, 2)) and metrics["partition"] == 2
-    # int8 (the default) sends the change against the adapter it was sent: it trained, so not zero
+    # int4 (the default) sends the change against the adapter it was sent: it trained, so not zero
     assert any(np.any(c != 0) for c in decode(arrays, smoke_cfg.transport_mode()))
     again, _, _ = SLMClient(smoke_cfg, 2).fit(message, config)
     assert all(np.array_equal(a, b) for a, b in zip(arrays, again)), "same round, same client: same update"

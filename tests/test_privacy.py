@@ -206,7 +206,7 @@ def test_privacy_with_secure_aggregation_end_to_end(smoke_cfg, tmp_path):
         if cfg.federation.secure_aggregation:  # DP: fp32, the adapter itself
             g0 = adapter_to_ndarrays(components.build_slm(cfg))
             moved[name] = _norm([a.astype(np.float64) - b for a, b in zip(arrays, g0)])
-        else:  # the plain run's wire encoding (int8 by default): the change itself
+        else:  # the plain run's wire encoding (int4 by default): the change itself
             moved[name] = _norm([a.astype(np.float64) for a in decode(arrays, cfg.transport_mode())])
     assert moved["dp"] <= 0.01 + 1e-3 < moved["plain"]
     summary = json.loads((tmp_path / "dp" / "summary.json").read_text())

@@ -53,7 +53,7 @@ def _weighted_mean(updates):
 @pytest.fixture(scope="module")
 def plain_round(smoke_cfg_module, tmp_path_factory):
     """Round-1 client updates in the clear (plain FedAvg), decoded from the default transport
-    (int8): the values each client holds, which it hands SecAgg+ in a secure round."""
+    (int4): the changes each client holds, which it hands SecAgg+ in a secure round."""
     out = tmp_path_factory.mktemp("plain")
     cfg = _one_round(smoke_cfg_module, out, secure=False)
     seen = simulate(cfg)

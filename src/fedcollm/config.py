@@ -154,10 +154,11 @@ class FederationConfig:
     # reconstruction_threshold fraction of them (0.75: 3 of 4) can unmask the sum, so one
     # dropout in four is survived.
     # Adapter encoding on the wire: fp32 | fp16 (half the bytes) | int8 (+1 scale per tensor,
-    # a quarter) | int4 (+1 scale per 64 values, 14%) | auto: int8, or fp32 under differential
-    # privacy (int8 scored the same items as fp32 in results/traffic/, int4 cost the SLM about a
-    # point; DP needs fp32). See federated/transport.py. Under SecAgg+
-    # the uplink carries SecAgg+'s own integers (as uint32): a client rounds its update to the
+    # a quarter) | int4 (+1 scale per 64 values, 14%) | auto: int4, or fp32 under differential
+    # privacy. Lossy encodings carry each round's change, not the adapter (federated/reference.py);
+    # so sent, int4 scored the same items as int8 (and int8 as fp32) on ARC-Easy validation in
+    # results/traffic/; DP needs fp32. See federated/transport.py. Under SecAgg+
+    # the uplink carries SecAgg+'s own integers (as uint32): a client rounds its change to the
     # transport's precision, then hands it to SecAgg+ in fp32 (so the aggregate equals the
     # plain run's, within SecAgg+'s bound).
     transport: str = "auto"
@@ -212,11 +213,11 @@ class Config:
         return _to_plain(dataclasses.asdict(self))
 
     def transport_mode(self) -> str:
-        """The encoding adapters travel in: federation.transport with "auto" resolved (int8, or
+        """The encoding adapters travel in: federation.transport with "auto" resolved (int4, or
         fp32 under differential privacy, whose Flower mods clip and noise the arrays sent)."""
         if self.federation.transport != "auto":
             return self.federation.transport
-        return "fp32" if self.privacy.mode != "off" else "int8"
+        return "fp32" if self.privacy.mode != "off" else "int4"
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
