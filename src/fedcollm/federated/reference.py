@@ -110,9 +110,9 @@ class ServerReference:
                 return arrays, {**meta, FROM: start, STEPS: len(steps)}
         return list(self.held), {**meta, FROM: 0, STEPS: 0}
 
-    def confirm(self, node: int, version: int | None = None) -> None:
-        """`node` replied: it holds the version it was sent (the current one by default)."""
-        self.nodes[node] = self.version if version is None else version
+    def confirm(self, node: int) -> None:
+        """`node` replied to this version's message: it holds this version."""
+        self.nodes[node] = self.version
 
 
 def _nbytes(arrays: list[np.ndarray]) -> int:

@@ -6,8 +6,10 @@ weighted mean, the same for every result), decodes and validates them, hands the
 the averaging strategy — `Averager`, Flower's FedAvg arithmetic, wrapped by Flower's
 differential-privacy strategy when `privacy.mode` is on, which clips and adds noise around it —
 and then runs mutual KD between the LLM and the aggregated SLM on the auxiliary data; what it
-returns is the adapter broadcast next round. `evaluate` scores the global SLM and the LLM after
-every round (round 0 is zero-shot), writes the round's metrics line and a checkpoint.
+returns is the adapter broadcast next round (`configure_fit` sends each client what brings it
+there: under a lossy transport, the changes since what it holds, federated/reference.py).
+`evaluate` scores the global SLM and the LLM after every round (round 0 is zero-shot), writes
+the round's metrics line and a checkpoint.
 
 A round with fewer than `min_clients` valid updates (clients crashed, timed out, were
 rejected, or SecAgg+ halted below its threshold) keeps the previous global adapter, is logged
