@@ -68,6 +68,9 @@ def test_deployment_completes_with_the_simulation_outputs(deployed):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["clients_ok"] == 2 for r in rows[1:])
+    # Round 2's SuperNodes rebuilt the server's adapter from round 2's change alone: each kept
+    # round 1's in its context.state (federated/reference.py).
+    assert [r["sent_whole"] for r in rows[1:]] == [0, 0]
     left = subprocess.run(["pgrep", "-f", str(out / "deployment")], capture_output=True, text=True)
     assert left.stdout.strip() == "", "deployment processes were left running"
 
