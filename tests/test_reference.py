@@ -55,6 +55,16 @@ def test_uplink_sends_the_change_and_the_server_adds_the_reference_back():
     assert _max_error(back, theta1) < 0.2 * _max_error(held, theta0)  # the adapter's own rounding
 
 
+def test_a_change_of_the_wrong_shape_is_refused_by_name():
+    """The server adds R back before validate.update_problem runs: the refusal names the tensor,
+    as update_problem would (it was once "a change of 2 tensors does not fit the reference's 2")."""
+    held = _walk(1)[0]
+    with pytest.raises(ValueError, match=r"^tensor 1 has shape \(8, 96\), expected \(96, 8\)$"):
+        reference.restore([held[0], np.zeros((8, 96), np.float32)], held, "int4")
+    with pytest.raises(ValueError, match=r"^1 adapter tensors, expected 2$"):
+        reference.restore(held[:1], held, "int8")
+
+
 def test_fp32_sends_the_adapter_whole_and_exact():
     server, state = ServerReference("fp32"), RecordDict()
     for theta in _walk(3):

@@ -49,8 +49,13 @@ def crc32(arrays: list[np.ndarray]) -> int:
 
 
 def _add(held: list[np.ndarray], change: list[np.ndarray]) -> list[np.ndarray]:
-    if len(held) != len(change) or any(h.shape != c.shape for h, c in zip(held, change)):
-        raise ValueError(f"a change of {len(change)} tensors does not fit the reference's {len(held)}")
+    """held + change, tensor by tensor; ValueError naming the first tensor that does not fit
+    (in the words of validate.update_problem, which never sees a change that fails here)."""
+    if len(change) != len(held):
+        raise ValueError(f"{len(change)} adapter tensors, expected {len(held)}")
+    for i, (h, c) in enumerate(zip(held, change)):
+        if c.shape != h.shape:
+            raise ValueError(f"tensor {i} has shape {tuple(c.shape)}, expected {tuple(h.shape)}")
     return [np.add(h, c, dtype=np.float32) for h, c in zip(held, change)]
 
 
