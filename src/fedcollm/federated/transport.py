@@ -12,11 +12,11 @@ client rounds its change to the transport's precision and hands SecAgg+ those va
 (int8's and int4's per-client scales cannot be summed): the uplink then carries SecAgg+'s own
 masked integers, and only the downlink the transport's encoding.
 
-`federation.transport = "auto"` (the default; `Config.transport_mode` resolves it) is int8,
-or fp32 under differential privacy. int8 got the same validation items right as fp32 on every
-seed measured (results/traffic/) at a quarter of the bytes; Flower's DP mods clip and noise the
-arrays as they travel, which only fp32 carries faithfully (the config refuses a lossy
-transport with DP).
+`federation.transport = "auto"` (the default; `Config.transport_mode` resolves it) is int4,
+or fp32 under differential privacy. Sending changes, int4 got the same validation items right
+as int8, and int8 as fp32, on every seed measured but for one item (results/traffic/), at 14%
+of fp32's bytes; Flower's DP mods clip and noise the arrays as they travel, which only fp32
+carries faithfully (the config refuses a lossy transport with DP).
 """
 
 from __future__ import annotations
