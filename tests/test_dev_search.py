@@ -60,6 +60,16 @@ def test_choice_is_the_best_mean_score_over_datasets_among_complete_cells():
     assert choose(results, ["c"], [0, 1])["label"] is None
 
 
+def test_choice_goes_by_each_datasets_headline_metric():
+    # On OpenBookQA cell a is better in acc_norm and worse in acc: its headline metric, acc_norm, decides.
+    def fed(acc, acc_norm):
+        return {"slm": {"acc": acc, "acc_norm": acc_norm}, "llm": {"acc": acc, "acc_norm": acc_norm}}
+
+    per_cell = {"a": {"fedcollm": {"0": fed(0.20, 0.40)}}, "b": {"fedcollm": {"0": fed(0.30, 0.30)}}}
+    assert choose({"openbookqa": per_cell}, ["a", "b"], [0])["label"] == "a"
+    assert choose({"arc_easy": per_cell}, ["a", "b"], [0])["label"] == "b"
+
+
 def test_dev_search_through_the_cli_scores_each_cell_on_held_out_items(tmp_path, mcq_files):
     """Two cells on the smoke models (1 round, FedCoLLM only): each job ran on the dev split
     with its cell's values, the table lists both, and the choice is the better score."""

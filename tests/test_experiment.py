@@ -141,10 +141,10 @@ def test_claims_are_computed_from_the_numbers():
                      "standalone": {"0": r(0.5), "1": r(0.5)},
                      "centralized": {"0": r(llm=0.5), "1": r(llm=0.6)}}}
     lines = claims(results, ["d"])
-    assert "| d | SLM: FedCoLLM − Standalone (mean of clients) | – | – | no per-item scores kept" in lines[2]
-    assert ("- d: SLM FedCoLLM − Standalone (mean of clients) = 0.0 ± 35.4 points over seeds "
+    assert "| d | acc | SLM: FedCoLLM − Standalone (mean of clients) | – | – | no per-item scores kept" in lines[2]
+    assert ("- d: SLM acc FedCoLLM − Standalone (mean of clients) = 0.0 ± 35.4 points over seeds "
             "(FedCoLLM better on 1/2 seeds).") in lines
-    assert "- d: LLM FedCoLLM / centralized = 100.0 ± 0.0% over seeds (paper: 97–99%)." in lines
+    assert "- d: LLM acc FedCoLLM / centralized = 100.0 ± 0.0% over seeds (paper: 97–99%)." in lines
 
 
 def _scored(correct: list[float]) -> dict:
@@ -161,12 +161,35 @@ def test_claims_carry_a_paired_bootstrap_verdict():
         "standalone": {s: {"slm": _scored(base), "llm": None} for s in ("0", "1")},
         "fedavg": {s: {"slm": _scored(better), "llm": None} for s in ("0", "1")},
         "centralized": {s: {"slm": None, "llm": _scored(better)} for s in ("0", "1")}}}
-    rows = {line.split(" | ")[1]: line for line in claims(results, ["d"]) if line.startswith("| d |")}
+    rows = {line.split(" | ")[2]: line for line in claims(results, ["d"]) if line.startswith("| d |")}
     assert rows["SLM: FedCoLLM − Standalone (mean of clients)"].endswith("| holds: significantly better |")
     assert "s0: +" in rows["SLM: FedCoLLM − Standalone (mean of clients)"]
     assert rows["SLM: FedCoLLM − FedAvg (clients only)"].endswith("| not significant (the interval covers 0) |")
     assert rows["LLM: FedCoLLM − centralized"].endswith("| does not hold: significantly worse |")
     assert rows["LLM: FedCoLLM / centralized (paper: 97–99%)"].endswith("| does not hold: < 97% at 95% |")
+
+
+def test_claims_go_by_each_datasets_headline_metric():
+    # The same per-item scores under two datasets: FedCoLLM's SLM is better in acc_norm, worse in
+    # acc. OpenBookQA's claims go by acc_norm (its right answers tend to be the longest choice),
+    # a dataset of one's own by acc.
+    rng = random.Random(1)
+    n = 400
+    base = [float(rng.random() < 0.5) for _ in range(n)]
+    better = [1.0 if rng.random() < 0.3 else x for x in base]
+    worse = [0.0 if rng.random() < 0.3 else x for x in base]
+
+    def scored(acc_items, norm_items):
+        return {"acc": sum(acc_items) / n, "correct": acc_items, "acc_norm": sum(norm_items) / n, "correct_norm": norm_items}
+
+    per_dataset = {"fedcollm": {"0": {"slm": scored(worse, better), "llm": None}},
+                   "standalone": {"0": {"slm": scored(base, base), "llm": None}}}
+    lines = claims({"openbookqa": per_dataset, "mine": per_dataset}, ["openbookqa", "mine"])
+    row = {line.split(" | ")[0][2:]: line for line in lines if " | SLM: FedCoLLM − Standalone" in line}
+    assert row["openbookqa"].startswith("| openbookqa | acc_norm |")
+    assert row["openbookqa"].endswith("| holds: significantly better |")
+    assert row["mine"].startswith("| mine | acc |") and row["mine"].endswith("| does not hold: significantly worse |")
+    assert any(x.startswith("- openbookqa: SLM acc_norm FedCoLLM − Standalone") and "better on 1/1" in x for x in lines)
 
 
 def test_paired_bootstrap_intervals():

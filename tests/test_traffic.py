@@ -69,6 +69,19 @@ def test_choice_is_the_cheapest_within_one_point_on_every_dataset():
     assert none["label"] is None and "on every dataset" in none["why"]
 
 
+def test_choice_goes_by_each_datasets_headline_metric():
+    # The cheap point is 5 points below in acc but level in acc_norm: chosen on OpenBookQA
+    # (headline acc_norm), not on ARC-Easy (acc).
+    cheap, dear = Point("qv", 4, "int8"), Point("all", 8, "int8")
+
+    def result(acc, acc_norm, up):
+        return {**_result(acc, acc, up), "slm": {"acc": acc, "acc_norm": acc_norm}, "llm": {"acc": acc, "acc_norm": acc_norm}}
+
+    per_point = {cheap.label: {"0": result(0.25, 0.40, 10)}, dear.label: {"0": result(0.30, 0.40, 400)}}
+    assert choose({"openbookqa": per_point}, [cheap, dear], [0])["label"] == cheap.label
+    assert choose({"arc_easy": per_point}, [cheap, dear], [0])["label"] == dear.label
+
+
 def test_sweep_runs_each_point_and_measures_its_bytes(tmp_path, mcq_files):
     """Two points through the real CLI (smoke models, 1 round): fewer modules and int8 send fewer
     bytes, each point's bytes are what its own run counted on the wire, and the outputs exist."""

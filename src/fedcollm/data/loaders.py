@@ -27,6 +27,17 @@ class DatasetSpec:
     hub: tuple[str, str | None]  # (dataset id, config name)
     style: str
     hub_splits: tuple[tuple[str, str], ...] = (("train", "train"), ("validation", "validation"), ("test", "test"))
+    metric: str = "acc"  # the headline metric (below)
+
+
+# The metric the claims, the dev search and the traffic rule go by, per dataset (tables show
+# both). acc_norm where right answers tend to be the longest choice, so that summed
+# log-likelihood (acc) favours short wrong answers. On the validation splits the right answer is
+# the longest choice for 42% of OpenBookQA's items (4 choices: 25% by chance) and 29% of
+# ARC-Challenge's, against 21% of ARC-Easy's and 22% of CommonsenseQA's (5 choices). With
+# SmolLM2-135M-Instruct, never on test: OpenBookQA validation zero-shot acc 17.6, below chance,
+# acc_norm 31.4; ARC-Challenge validation, centralized LLM acc 29.8-33.1, acc_norm 38.5-38.8
+# (session 6's dev cells). ARC-Easy and CommonsenseQA keep acc, as the earlier results were read.
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -35,10 +46,10 @@ DATASETS: dict[str, DatasetSpec] = {
          "test": "arc/ARC-Easy-Test.jsonl"}, ("allenai/ai2_arc", "ARC-Easy"), "arc"),
     "arc_challenge": DatasetSpec(
         {"train": "arc/ARC-Challenge-Train.jsonl", "validation": "arc/ARC-Challenge-Dev.jsonl",
-         "test": "arc/ARC-Challenge-Test.jsonl"}, ("allenai/ai2_arc", "ARC-Challenge"), "arc"),
+         "test": "arc/ARC-Challenge-Test.jsonl"}, ("allenai/ai2_arc", "ARC-Challenge"), "arc", metric="acc_norm"),
     "openbookqa": DatasetSpec(
         {"train": "openbookqa/train.jsonl", "validation": "openbookqa/dev.jsonl",
-         "test": "openbookqa/test.jsonl"}, ("allenai/openbookqa", "main"), "openbookqa"),
+         "test": "openbookqa/test.jsonl"}, ("allenai/openbookqa", "main"), "openbookqa", metric="acc_norm"),
     # Its official test split has no labels: like lm-eval, evaluate on the dev split.
     "commonsense_qa": DatasetSpec(
         {"train": "commonsenseqa/train_rand_split.jsonl",
@@ -148,6 +159,17 @@ def load_split(dataset: str, split: str, user_path: str = "") -> list[MCQRecord]
     except Exception as e:  # noqa: BLE001 - any hub failure ends the search
         tried.append(f"hub {spec.hub[0]} ({type(e).__name__})")
     raise FedCoLLMError(f"dataset {dataset!r} split {split!r} not found; tried: {'; '.join(tried)}")
+
+
+def headline_metric(dataset: str) -> str:
+    """'acc' or 'acc_norm': what the claims, dev search and traffic rule compare on `dataset`
+    (acc for a dataset of your own)."""
+    return DATASETS[dataset].metric if dataset in DATASETS else "acc"
+
+
+def item_key(metric: str) -> str:
+    """Where a score keeps its per-item correctness for `metric` (eval.mcq.accuracy)."""
+    return {"acc": "correct", "acc_norm": "correct_norm"}[metric]
 
 
 def style_of(cfg_data) -> str:

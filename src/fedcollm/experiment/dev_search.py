@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedcollm.config import Config
-from fedcollm.data.loaders import DATASETS
+from fedcollm.data.loaders import DATASETS, headline_metric
 from fedcollm.errors import FedCoLLMError
 from fedcollm.experiment.runner import Cache, Job, check_methods
 from fedcollm.experiment.tables import code_line, fmt_mean_std, seed_values
@@ -92,9 +92,9 @@ def run_dev_search(config_of: Callable[[Cell, str, int], Config], cells: list[Ce
     return doc
 
 
-def score(per_seed: dict) -> float | None:
-    """FedCoLLM's SLM and LLM dev accuracy, averaged together and over seeds."""
-    values = seed_values(per_seed, "slm", "acc") + seed_values(per_seed, "llm", "acc")
+def score(per_seed: dict, metric: str) -> float | None:
+    """FedCoLLM's SLM and LLM dev accuracy (the dataset's headline metric), averaged together and over seeds."""
+    values = seed_values(per_seed, "slm", metric) + seed_values(per_seed, "llm", metric)
     return statistics.fmean(values) if values else None
 
 
@@ -104,38 +104,42 @@ def choose(results: dict, labels: list[str], seeds: list[int]) -> dict:
     complete = [lab for lab in labels if all(len(results[d][lab]["fedcollm"]) == len(seeds) for d in results)]
     per_dataset = {}
     for d, per_cell in results.items():
-        scored = {lab: score(per_cell[lab]["fedcollm"]) for lab in complete}
+        scored = {lab: score(per_cell[lab]["fedcollm"], headline_metric(d)) for lab in complete}
         per_dataset[d] = max(scored, key=scored.get) if scored else None
     if not complete:
         return {"label": None, "why": "no cell has FedCoLLM results for every seed on every dataset yet",
                 "per_dataset": per_dataset}
-    overall = {lab: statistics.fmean(score(results[d][lab]["fedcollm"]) for d in results) for lab in complete}
+    overall = {lab: statistics.fmean(score(results[d][lab]["fedcollm"], headline_metric(d)) for d in results)
+               for lab in complete}
     best = max(complete, key=overall.get)  # the first in grid order on a tie
     return {"label": best, "score": overall[best], "complete_cells": len(complete), "per_dataset": per_dataset}
 
 
-def _acc(per_seed: dict, model: str) -> str:
-    return fmt_mean_std(seed_values(per_seed, model, "acc"))
+def _acc(per_seed: dict, model: str, metric: str) -> str:
+    return fmt_mean_std(seed_values(per_seed, model, metric))
 
 
 def table(doc: dict) -> str:
     meta, results, choice = doc["meta"], doc["results"], doc["choice"]
     cfg = meta["config"]
     lines = ["# Dev search: hyperparameters chosen on held-out data", "", f"Command: `{meta['command']}`  ",
-             code_line(meta), f"Seeds {', '.join(map(str, meta['seeds']))} (acc, %, mean ± sample std over seeds); "
+             code_line(meta), f"Seeds {', '.join(map(str, meta['seeds']))} (%, mean ± sample std over seeds); "
              f"rounds {cfg['federation']['rounds']}, batch {cfg['client']['batch_size']} (client) / "
              f"{cfg['distill']['batch_size']} (KD) unless a cell sets them. Score: FedCoLLM's SLM and LLM accuracy "
-             "averaged.", ""]
+             "averaged, in each dataset's headline metric (acc, or acc_norm where right answers tend to be the longest "
+             "choice; data/loaders.py).", ""]
     for d, per_cell in results.items():
-        lines += [f"## {d} (dev split: {meta['dev_splits'][d]})", "",
+        metric = headline_metric(d)
+        lines += [f"## {d} (dev split: {meta['dev_splits'][d]}; {metric})", "",
                   "| cell | FedCoLLM SLM | FedCoLLM LLM | score | standalone SLM | centralized LLM |",
                   "|---|---|---|---|---|---|"]
         for label, per_method in per_cell.items():
             fed = per_method.get("fedcollm", {})
-            s = score(fed)
-            lines.append(f"| {label} | {_acc(fed, 'slm')} | {_acc(fed, 'llm')} | "
-                         f"{'–' if s is None else f'{100 * s:.1f}'} | {_acc(per_method.get('standalone', {}), 'slm')} | "
-                         f"{_acc(per_method.get('centralized', {}), 'llm')} |")
+            s = score(fed, metric)
+            lines.append(f"| {label} | {_acc(fed, 'slm', metric)} | {_acc(fed, 'llm', metric)} | "
+                         f"{'–' if s is None else f'{100 * s:.1f}'} | "
+                         f"{_acc(per_method.get('standalone', {}), 'slm', metric)} | "
+                         f"{_acc(per_method.get('centralized', {}), 'llm', metric)} |")
         lines.append("")
     lines += ["## Choice", ""]
     if choice["label"] is None:
@@ -160,14 +164,15 @@ def plot(doc: dict, path: Path) -> None:
         labels = list(per_cell)
         for k, (model, method, color) in enumerate((("slm", "fedcollm", "tab:blue"), ("llm", "fedcollm", "tab:orange"),
                                                     ("slm", "standalone", "tab:cyan"), ("llm", "centralized", "tab:red"))):
-            ys = [statistics.fmean(v) * 100 if (v := seed_values(per_cell[lab].get(method, {}), model, "acc")) else None
+            ys = [statistics.fmean(v) * 100 if (v := seed_values(per_cell[lab].get(method, {}), model, headline_metric(d)))
+                  else None
                   for lab in labels]
             xs = [i + (k - 1.5) * 0.18 for i in range(len(labels))]
             ax.bar([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], width=0.18,
                    color=color, label=f"{method} {model.upper()}")
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels([lab.replace(" ", "\n") for lab in labels], fontsize=6)
-        ax.set_ylabel("dev acc (%)")
+        ax.set_ylabel(f"dev {headline_metric(d)} (%)")
         ax.set_title(f"{d} ({doc['meta']['dev_splits'][d]})")
         ax.legend(fontsize=6)
         ax.grid(axis="y", alpha=0.3)

@@ -2,7 +2,8 @@
 
 Means and standard deviations are over seeds (sample std, ddof = 1); a seed-independent method
 (zero-shot) has one value and no ±. The claims section compares methods from the numbers in the
-table, whatever they are.
+table, whatever they are, in each dataset's headline metric (data.loaders.headline_metric: acc, or
+acc_norm where right answers tend to be the longest choice).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
+from fedcollm.data.loaders import headline_metric, item_key
 from fedcollm.experiment.methods import LABELS, SEED_INDEPENDENT
 from fedcollm.experiment.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap
 
@@ -53,18 +55,18 @@ def _block(results: dict, datasets: list[str], methods: list[str], model: str, m
 
 
 def _paired(results: dict, dataset: str, a: str, b: str, model: str) -> list[tuple[float, float]]:
-    """(a, b) accuracy pairs for the seeds both methods have."""
-    ra, rb = results[dataset].get(a, {}), results[dataset].get(b, {})
-    return [(ra[s][model]["acc"], rb[s][model]["acc"]) for s in sorted(ra)
+    """(a, b) headline-metric pairs for the seeds both methods have."""
+    ra, rb, metric = results[dataset].get(a, {}), results[dataset].get(b, {}), headline_metric(dataset)
+    return [(ra[s][model][metric], rb[s][model][metric]) for s in sorted(ra)
             if s in rb and ra[s].get(model) and rb[s].get(model)]
 
 
 def _items(results: dict, dataset: str, a: str, b: str, model: str) -> tuple[list[str], list, list]:
-    """Seeds where both methods kept per-item scores, and those scores (seeds × items)."""
-    ra, rb = results[dataset].get(a, {}), results[dataset].get(b, {})
-    seeds = [s for s in sorted(ra) if s in rb and (ra[s].get(model) or {}).get("correct")
-             and (rb[s].get(model) or {}).get("correct")]
-    return seeds, [ra[s][model]["correct"] for s in seeds], [rb[s][model]["correct"] for s in seeds]
+    """Seeds where both methods kept per-item scores (headline metric), and those scores (seeds × items)."""
+    ra, rb, key = results[dataset].get(a, {}), results[dataset].get(b, {}), item_key(headline_metric(dataset))
+    seeds = [s for s in sorted(ra) if s in rb and (ra[s].get(model) or {}).get(key)
+             and (rb[s].get(model) or {}).get(key)]
+    return seeds, [ra[s][model][key] for s in seeds], [rb[s][model][key] for s in seeds]
 
 
 def _ci(iv: Interval, statistic: str) -> str:
@@ -81,11 +83,13 @@ def _claim_row(results: dict, d: str, a: str, b: str, model: str, what: str, sta
         return None
     seeds, xa, xb = _items(results, d, a, b, model)
     if not seeds:
-        return f"| {d} | {what} | – | – | no per-item scores kept (results older than the paired test) |"
+        return (f"| {d} | {headline_metric(d)} | {what} | – | – | no per-item scores kept "
+                "(results older than the paired test) |")
     per_seed = "; ".join(f"s{s}: {_ci(paired_bootstrap([x], [y], statistic), statistic)}"
                          for s, x, y in zip(seeds, xa, xb))
     pooled = paired_bootstrap(xa, xb, statistic)
-    return f"| {d} | {what} | {per_seed} | {_ci(pooled, statistic)} ({len(seeds)} seeds) | {verdict(pooled)} |"
+    return (f"| {d} | {headline_metric(d)} | {what} | {per_seed} | {_ci(pooled, statistic)} ({len(seeds)} seeds) "
+            f"| {verdict(pooled)} |")
 
 
 def _diff_verdict(iv: Interval) -> str:
@@ -107,7 +111,7 @@ def _ratio_verdict(target: float):
 def claims(results: dict, datasets: list[str]) -> list[str]:
     """The paper's claims with a paired bootstrap over the test items (95% intervals), per seed
     and pooled, plus how many seeds each holds on."""
-    lines = ["| dataset | claim | per seed (95% CI) | pooled (95% CI) | verdict |", "|---|---|---|---|---|"]
+    lines = ["| dataset | metric | claim | per seed (95% CI) | pooled (95% CI) | verdict |", "|---|---|---|---|---|---|"]
     for d in datasets:
         for other in ("standalone", "fedavg"):
             row = _claim_row(results, d, "fedcollm", other, "slm", f"SLM: FedCoLLM − {LABELS[other]}", "diff",
@@ -129,11 +133,13 @@ def claims(results: dict, datasets: list[str]) -> list[str]:
             pairs = _paired(results, d, "fedcollm", other, "slm")
             if pairs:
                 diffs = [a - b for a, b in pairs]
-                lines.append(f"- {d}: SLM FedCoLLM − {LABELS[other]} = {fmt_mean_std(diffs)} points over seeds "
+                lines.append(f"- {d}: SLM {headline_metric(d)} FedCoLLM − {LABELS[other]} = {fmt_mean_std(diffs)} "
+                             "points over seeds "
                              f"(FedCoLLM better on {sum(x > 0 for x in diffs)}/{len(diffs)} seeds).")
         pairs = _paired(results, d, "fedcollm", "centralized", "llm")
         if pairs:
-            lines.append(f"- {d}: LLM FedCoLLM / centralized = {fmt_mean_std([a / b for a, b in pairs])}% over seeds "
+            lines.append(f"- {d}: LLM {headline_metric(d)} FedCoLLM / centralized = "
+                         f"{fmt_mean_std([a / b for a, b in pairs])}% over seeds "
                          f"(paper: {PAPER['llm_vs_centralized']}).")
     return lines if len(lines) > 3 else []
 
@@ -216,6 +222,8 @@ def table1(results: dict, meta: dict) -> str:
         "## SLM, acc_norm", "", *_block(results, datasets, methods, "slm", "acc_norm", n_seeds), "",
         "## LLM, acc_norm", "", *_block(results, datasets, methods, "llm", "acc_norm", n_seeds), "",
         "## The paper's claims, checked on these numbers", "",
+        "In each dataset's headline metric (" + ", ".join(f"{d}: {headline_metric(d)}" for d in datasets)
+        + "; acc_norm where right answers tend to be the longest choice, see data/loaders.py). "
         "Paired bootstrap over the test items (both methods scored on the same items; "
         f"{BOOTSTRAP_SAMPLES} resamples; differences in accuracy points, ratios in %); a claim holds when "
         "its 95% interval lies on the claimed side.", "", *claims(results, datasets), "",
@@ -237,7 +245,7 @@ def plot(results: dict, meta: dict, path: Path) -> None:
         for ax, model in zip(row, ("slm", "llm")):
             names, means, stds = [], [], []
             for m in methods:
-                vals = seed_values(results[d].get(m, {}), model, "acc")
+                vals = seed_values(results[d].get(m, {}), model, headline_metric(d))
                 if vals:
                     mu, sd = mean_std([100 * v for v in vals])
                     names.append(LABELS.get(m, m).replace(" (", "\n("))
@@ -246,7 +254,7 @@ def plot(results: dict, meta: dict, path: Path) -> None:
             ax.barh(range(len(names)), means, xerr=stds, color="tab:blue" if model == "slm" else "tab:orange")
             ax.set_yticks(range(len(names)), names, fontsize=7)
             ax.invert_yaxis()
-            ax.set_xlabel("acc (%)")
+            ax.set_xlabel(f"{headline_metric(d)} (%)")
             ax.set_title(f"{d}: {model.upper()}")
             ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -295,7 +303,7 @@ def plot_aux_size(results: dict, meta: dict, path: Path) -> None:
         for model, style in (("slm", "o-"), ("llm", "s--")):
             xs, mus, sds = [], [], []
             for f in meta["fractions"]:
-                vals = seed_values(results[str(f)][m], model, "acc")
+                vals = seed_values(results[str(f)][m], model, headline_metric(meta["dataset"]))
                 if vals:
                     mu, sd = mean_std([100 * v for v in vals])
                     xs.append(100 * f)
@@ -304,7 +312,7 @@ def plot_aux_size(results: dict, meta: dict, path: Path) -> None:
             if xs:
                 ax.errorbar(xs, mus, yerr=sds, fmt=style, capsize=3, label=f"{LABELS.get(m, m)}: {model.upper()}")
     ax.set_xlabel("auxiliary part (% of the training split)")
-    ax.set_ylabel("acc (%)")
+    ax.set_ylabel(f"{headline_metric(meta['dataset'])} (%)")
     ax.set_title(f"{meta['dataset']}: accuracy against auxiliary data")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -7,6 +7,8 @@ and the cheapest setting whose SLM and LLM accuracy stay within a point of the b
 Writes traffic.md (table and choice), traffic.json and pareto.png (accuracy against bytes per
 client and round, each point with its seed spread). The rank sweep keeps α = 2r, the paper's
 α/r (16/8), so that every rank applies its update at the same scale and only capacity changes.
+Accuracy is each dataset's headline metric (data.loaders.headline_metric: acc, or acc_norm on
+OpenBookQA and ARC-Challenge, where right answers tend to be the longest choice).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 from pathlib import Path
 
 from fedcollm.config import ALL_PROJECTIONS, Config, validate
+from fedcollm.data.loaders import headline_metric
 from fedcollm.errors import FedCoLLMError
 from fedcollm.experiment.runner import Cache, Job, cfg_for
 from fedcollm.experiment.tables import code_line, fmt_mean_std, mean_std, seed_values
@@ -109,8 +112,9 @@ def choose(results: dict, points: list[Point], seeds: list[int]) -> dict:
     if not complete:
         return {"label": None, "why": "no grid point has every seed on every dataset yet"}
     ok = set(complete)
-    for per_point in results.values():
-        means = {lab: {m: mean_std(seed_values(per_point[lab], m, "acc"))[0] for m in ("slm", "llm")}
+    for dataset, per_point in results.items():
+        metric = headline_metric(dataset)
+        means = {lab: {m: mean_std(seed_values(per_point[lab], m, metric))[0] for m in ("slm", "llm")}
                  for lab in complete}
         best = {m: max(v[m] for v in means.values()) for m in ("slm", "llm")}
         ok &= {lab for lab, v in means.items() if all(v[m] >= best[m] - TOLERANCE for m in ("slm", "llm"))}
@@ -126,20 +130,21 @@ def table(doc: dict, points: list[Point]) -> str:
     meta, results, choice = doc["meta"], doc["results"], doc["choice"]
     cfg = meta["config"]
     lines = ["# FedCoLLM accuracy against traffic", "", f"Command: `{meta['command']}`  ", code_line(meta),
-             f"Seeds {', '.join(map(str, meta['seeds']))} (acc mean ± sample std, %); "
+             f"Seeds {', '.join(map(str, meta['seeds']))} (mean ± sample std, %, in each dataset's headline metric); "
              f"rounds: {cfg['federation']['rounds']}; {cfg['data']['eval_examples'] or 'all'} items of the "
              f"{cfg['data']['eval_split']} split. Bytes: Flower message payload per client and round; "
              "share: of the fp32 SLM.", ""]
     for dataset, per_point in results.items():
+        metric = headline_metric(dataset)
         lines += [f"## {dataset}", "", "| LoRA modules | r | transport | bytes up | bytes down | up share | down share "
-                  "| SLM acc | LLM acc | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| SLM {metric} | LLM {metric} | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in points:
             per_seed = per_point[p.label]
             if not per_seed:
                 lines.append(f"| {p.modules} | {p.r} | {p.transport} | – | – | – | – | – | – | 0 |")
                 continue
             b = _bytes(per_seed)
-            slm, llm = (fmt_mean_std(seed_values(per_seed, m, "acc")) for m in ("slm", "llm"))
+            slm, llm = (fmt_mean_std(seed_values(per_seed, m, metric)) for m in ("slm", "llm"))
             lines.append(f"| {p.modules} | {p.r} | {p.transport} | {b['bytes_up_per_client_round']:,.0f} | "
                          f"{b['bytes_down_per_client_round']:,.0f} | {100 * b['up_ratio_to_fp32_slm']:.3f}% | "
                          f"{100 * b['down_ratio_to_fp32_slm']:.3f}% | {slm} | {llm} | {len(per_seed)} |")
@@ -171,7 +176,7 @@ def plot(doc: dict, points: list[Point], path: Path) -> None:
     for ax, (dataset, per_point) in zip(axes[0], results.items()):
         for model, marker in (("slm", "o"), ("llm", "s")):
             for p in points:
-                accs = seed_values(per_point[p.label], model, "acc")
+                accs = seed_values(per_point[p.label], model, headline_metric(dataset))
                 if not accs:
                     continue
                 x = _bytes(per_point[p.label])["bytes_up_per_client_round"]
@@ -188,7 +193,7 @@ def plot(doc: dict, points: list[Point], path: Path) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} MB"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("bytes up per client and round (log scale)")
-        ax.set_ylabel("acc (%), mean and seed range")
+        ax.set_ylabel(f"{headline_metric(dataset)} (%), mean and seed range")
         ax.set_title(f"{dataset}" + (f": choice {doc['choice']['label']}" if doc["choice"]["label"] else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
