@@ -51,6 +51,33 @@ def test_settings_that_would_hide_or_invent_a_gpu_are_refused(overrides, cuda, m
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_gpu_the_host_lacks_is_refused_in_one_line_before_ray_starts():
+    # Without the check, Ray fails with "ActorPool is empty" deep in Flower's simulation.
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(FedCoLLMError) as err:
+            client_resources(_cfg(f'model.device="{device}"'), cuda_available=False, gpu_count=0, cpus=16)
+        assert str(err.value) == (f"config: model.device = '{device}' but torch sees no CUDA device; "
+                                  "set it to 'auto' or 'cpu'")
+
+
+def test_a_malformed_device_is_refused_by_the_config():
+    with pytest.raises(FedCoLLMError, match=r"model.device = 'gpu' is not one of auto, cpu, cuda, cuda:N, mps"):
+        _cfg('model.device="gpu"')
+    assert _cfg('model.device="cuda:1"').model.device == "cuda:1"
+
+
+def test_a_cuda_index_beyond_the_hosts_devices_is_refused(monkeypatch):
+    import torch  # noqa: PLC0415
+
+    from fedcollm.models.loading import resolve_device  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(FedCoLLMError, match=r"model.device = 'cuda:1' but torch sees 1 CUDA device\(s\)"):
+        resolve_device("cuda:1")
+
+
 def test_auto_dtype_is_bf16_on_cuda_and_fp32_on_cpu():
     import torch  # noqa: PLC0415
 

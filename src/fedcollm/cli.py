@@ -163,7 +163,7 @@ def cmd_eval(args) -> int:
     from fedcollm.models.loading import (  # noqa: PLC0415
         load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model = load_base_model(args.model, resolve_dtype("auto", device))
     if args.prune:
         first, last = (int(x) for x in args.prune.split(","))

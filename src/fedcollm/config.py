@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import tomllib
 import types
 import typing
@@ -47,7 +48,7 @@ class ModelConfig:
     slm_keep_first: int = 10
     slm_keep_last: int = 10
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     cache_dir: str = ""  # "" = $FEDCOLLM_CACHE or ~/.cache/fedcollm (GGUF de-quantized copies)
     # torch.compile each decoder layer (LoRA layers included): fuses the element-wise work of
     # every LoRA projection into fewer kernels. For GPUs, where a step of a small model is bound
@@ -367,6 +368,12 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def check_device_name(name: str, where: str) -> None:
+    """model.device (or `fedcollm eval --device`): a device name torch knows and fedcollm runs on."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise FedCoLLMError(f"{where} = {name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
 def validate(cfg: Config) -> None:
     flat = {}
     for section, values in cfg.to_dict().items():
@@ -400,6 +407,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.aux_file and cfg.data.aux_fraction:
         raise FedCoLLMError("config: data.aux_fraction cuts the auxiliary part from the training split; "
                             "with data.aux_file there is none to cut: set one of them")
+    check_device_name(cfg.model.device, "config: model.device")
     gpus = cfg.federation.client_gpus
     if (isinstance(gpus, str) and gpus != "auto") or (isinstance(gpus, float) and gpus < 0):
         raise FedCoLLMError(f"config: federation.client_gpus must be 'auto' or a number >= 0, got {gpus!r}")

@@ -25,6 +25,9 @@ def client_resources(cfg: Config, cuda_available: bool, gpu_count: int, cpus: in
     GPUs among the clients that can train at once: min(clients per round, cores / client_cpus).
     """
     f = cfg.federation
+    if cfg.model.device.startswith("cuda") and not cuda_available:  # else Ray fails: "ActorPool is empty"
+        raise FedCoLLMError(f"config: model.device = {cfg.model.device!r} but torch sees no CUDA device; "
+                            "set it to 'auto' or 'cpu'")
     if not uses_cuda(cfg, cuda_available):
         if f.client_gpus not in ("auto", 0.0):
             raise FedCoLLMError(f"config: federation.client_gpus = {f.client_gpus} but model.device = "
