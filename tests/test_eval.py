@@ -105,3 +105,19 @@ def test_commonsense_qa_scores_letters_and_lists_choices():
     assert continuations(rec) == [" A", " B", " C", " D", " E"]
     assert context(rec).splitlines() == ["Question: Where do fish live?", "A. tree", "B. water",
                                          "C. sky", "D. car", "E. desk", "Answer:"]
+
+
+def test_pairs_longer_than_max_length_are_cut_from_the_left_and_counted(capsys):
+    from fedcollm.data.encode import bos_prefix, encode_pairs  # noqa: PLC0415
+
+    tok = tiny_tokenizer()
+    pairs = [("Hot?", " sun"), ("Q " * 40 + "Which is hot?", " the sun")]
+    whole = [bos_prefix(tok) + tok(c + a, add_special_tokens=False)["input_ids"] for c, a in pairs]
+    limit = len(whole[0]) + 2  # the first fits, the second does not
+    short, long_ = encode_pairs(tok, pairs, limit)
+    assert list(short.ids) == whole[0]
+    assert list(long_.ids) == whole[1][-limit:]  # its start cut, not the answer
+    assert (f"1 of 2 prompt+answer pairs are longer than data.max_length = {limit} tokens (the longest "
+            f"{len(whole[1])}) and were cut from the left") in capsys.readouterr().out
+    encode_pairs(tok, pairs[:1], limit)
+    assert "cut" not in capsys.readouterr().out  # nothing cut, nothing said

@@ -48,7 +48,7 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, with_
     whole_enc = tokenizer([a + b for a, b in zip(ctxs, conts)], add_special_tokens=False,
                           return_offsets_mapping=with_spans)
     whole = whole_enc["input_ids"]
-    out = []
+    out, cut, longest = [], 0, 0
     for k, (c_ids, w_ids, ctx, cont) in enumerate(zip(ctx_ids, whole, ctxs, conts)):
         if w_ids[: len(c_ids)] != c_ids:  # a merge across the boundary: encode separately
             alone = tokenizer(cont, add_special_tokens=False, return_offsets_mapping=with_spans)
@@ -57,10 +57,16 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, with_
         else:
             cont_ids, shift = w_ids[len(c_ids):], len(ctx)
             offsets = whole_enc["offset_mapping"][k][len(c_ids):] if with_spans else None
-        ids = (bos + list(c_ids) + list(cont_ids))[-max_length:]
+        ids = bos + list(c_ids) + list(cont_ids)
+        if len(ids) > max_length:
+            cut, longest = cut + 1, max(longest, len(ids))
+            ids = ids[-max_length:]
         n_target = min(len(cont_ids), len(ids) - 1)
         spans = tuple((a - shift, b - shift) for a, b in offsets[len(offsets) - n_target:]) if with_spans else None
         out.append(Encoded(tuple(ids), n_target, spans))
+    if cut:  # lm-eval cuts the same way; say so, as a cut answer or question changes what is learnt and scored
+        print(f"[fedcollm] data: {cut} of {len(pairs)} prompt+answer pairs are longer than data.max_length = "
+              f"{max_length} tokens (the longest {longest}) and were cut from the left", flush=True)
     return out
 
 
