@@ -91,3 +91,39 @@ def test_client_prunes_before_moving_to_the_device(smoke_cfg, monkeypatch):
     slm = components.slm_base(smoke_cfg)
     assert len(slm.model.layers) == 2
     assert moved and max(moved) == 2, moved  # never the 4-layer LLM
+
+
+def _saved_slm_adapter(tmp_path, prune=(1, 1), with_config=True):
+    """A run folder's OUT/adapters/slm: LoRA on a pruned tiny model, with the run's config.toml."""
+    model = attach_lora(prune_layers(tiny_model(64), *prune), 4, 8, 0.0, ("q_proj", "v_proj"))
+    torch.nn.init.normal_(next(p for n, p in model.named_parameters() if "lora_B" in n))  # not the zero init
+    folder = tmp_path / "run" / "adapters" / "slm"
+    model.save_pretrained(folder)
+    if with_config:
+        (tmp_path / "run" / "config.toml").write_text(
+            f'[model]\nslm = ""\nslm_keep_first = {prune[0]}\nslm_keep_last = {prune[1]}\n')
+    return model, folder
+
+
+def test_a_saved_adapter_loads_only_on_the_base_it_was_trained_on(tmp_path):
+    from fedcollm.models.lora import adapter_state, load_saved_adapter  # noqa: PLC0415
+
+    trained, folder = _saved_slm_adapter(tmp_path)
+    loaded = load_saved_adapter(prune_layers(tiny_model(64), 1, 1), str(folder), (1, 1))
+    for (k, a), (k2, b) in zip(adapter_state(trained).items(), adapter_state(loaded).items()):
+        assert k == k2 and torch.equal(a, b)
+    # The whole model, or other layers of the same count: its run's config.toml says which.
+    with pytest.raises(FedCoLLMError, match=r"trained on a base with --prune 1,1 \(its run's config.toml\), not no --prune"):
+        load_saved_adapter(tiny_model(64), str(folder))
+    with pytest.raises(FedCoLLMError, match=r"--prune 1,1 .*, not --prune 2,0"):
+        load_saved_adapter(prune_layers(tiny_model(64), 2, 0), str(folder), (2, 0))
+
+
+def test_an_adapter_outside_a_run_folder_is_checked_by_its_layer_count(tmp_path):
+    from fedcollm.models.lora import load_saved_adapter  # noqa: PLC0415
+
+    _, folder = _saved_slm_adapter(tmp_path, with_config=False)
+    with pytest.raises(FedCoLLMError, match="adapts 2 decoder layers, the model has 4: an SLM adapter needs"):
+        load_saved_adapter(tiny_model(64), str(folder))
+    with pytest.raises(FedCoLLMError, match="no adapter_config.json and adapter_model.safetensors there"):
+        load_saved_adapter(tiny_model(64), str(tmp_path / "nothing"))

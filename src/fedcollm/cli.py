@@ -165,14 +165,19 @@ def cmd_eval(args) -> int:
 
     device = resolve_device(args.device, "--device")
     model = load_base_model(args.model, resolve_dtype("auto", device))
+    prune = None
     if args.prune:
-        first, last = (int(x) for x in args.prune.split(","))
+        try:
+            first, last = (int(x) for x in args.prune.split(","))
+        except ValueError:
+            raise FedCoLLMError(f"--prune {args.prune!r}: expected FIRST,LAST, e.g. 10,10") from None
+        prune = (first, last)
         model = prune_layers(model, first, last)
     model = model.to(device)  # after pruning: the dropped layers never reach the device
     if args.adapter:
-        from peft import PeftModel  # noqa: PLC0415
+        from fedcollm.models.lora import load_saved_adapter  # noqa: PLC0415
 
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model = load_saved_adapter(model, args.adapter, prune)
     tok = load_tokenizer(args.model)
     if args.file:
         records = read_jsonl(args.file)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -53,3 +55,53 @@ def adapter_numel(model) -> int:
 def base_numel(model) -> int:
     """Parameters of the full model without its adapter (what `full SLM` means in the ratio)."""
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def _run_prune(folder: Path) -> tuple[int, int] | None | bool:
+    """The pruning of the base that the adapter saved at OUT/adapters/{slm,llm} was trained on,
+    read from OUT/config.toml: (first, last) for a pruned SLM, None for a whole model, False when
+    that file is not there (an adapter from elsewhere)."""
+    import tomllib  # noqa: PLC0415
+
+    try:
+        model = tomllib.loads((folder.parent.parent / "config.toml").read_text())["model"]
+        pruned = folder.name == "slm" and not model["slm"]
+        return (int(model["slm_keep_first"]), int(model["slm_keep_last"])) if pruned else None
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
+        return False
+
+
+def _fmt(prune: tuple[int, int] | None) -> str:
+    return f"--prune {prune[0]},{prune[1]}" if prune else "no --prune"
+
+
+def load_saved_adapter(model, path: str, prune: tuple[int, int] | None = None):
+    """A saved LoRA adapter folder on `model` (pruned by `prune`), refused in one line when it is
+    missing or was trained on another base: an SLM adapter on the whole LLM, or on other layers,
+    would load into whatever layers carry its names and score without complaint. Checked against
+    the run's config.toml where the folder is a run's, and its layer count always."""
+    import re  # noqa: PLC0415
+
+    from peft import PeftModel  # noqa: PLC0415
+    from safetensors import safe_open  # noqa: PLC0415
+
+    folder = Path(path)
+    weights = folder / "adapter_model.safetensors"
+    if not (folder / "adapter_config.json").is_file() or not weights.is_file():
+        raise FedCoLLMError(f"--adapter {path}: no adapter_config.json and adapter_model.safetensors there "
+                            "(a run's OUT/adapters/slm or OUT/adapters/llm)")
+    trained_on = _run_prune(folder.resolve())
+    if trained_on is not False and trained_on != prune:
+        raise FedCoLLMError(f"--adapter {path} was trained on a base with {_fmt(trained_on)} (its run's "
+                            f"config.toml), not {_fmt(prune)}")
+    with safe_open(str(weights), "pt") as f:
+        layers = {int(m.group(1)) for key in f.keys() if (m := re.search(r"\.layers\.(\d+)\.", key))}
+    n_model = len(model.model.layers)
+    if layers and max(layers) + 1 != n_model:
+        raise FedCoLLMError(f"--adapter {path} adapts {max(layers) + 1} decoder layers, the model has {n_model}: "
+                            "an SLM adapter needs the SLM's --prune FIRST,LAST")
+    try:
+        return PeftModel.from_pretrained(model, str(folder))
+    except (ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedCoLLMError(f"--adapter {path} does not fit this model: {first}") from None
