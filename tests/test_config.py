@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -78,6 +79,24 @@ def test_cli_bad_config_exits_nonzero_with_one_line(capsys, tmp_path):
     assert err.count("\n") == 0 and "federation.rounds" in err
     assert main(["run", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml' not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--model", "tiny-random", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
+    (["eval", "--model", "tiny-random", "--limit", "-3"], "argument --limit: '-3': must be a whole number ≥ 0"),
+    (["eval", "--model", "tiny-random", "--max-length", "0"], "argument --max-length: '0': must be a whole number ≥ 1"),
+    (["eval", "--model", "tiny-random", "--batch-size", "x"], "argument --batch-size: invalid whole number value: 'x'"),
+    (["eval", "--model", "tiny-random", "--prune", "10"], "--prune '10': expected FIRST,LAST, e.g. 10,10"),
+    (["eval", "--model", "tiny-random", "--device", "gpu"], "--device = 'gpu' is not one of auto, cpu, cuda, cuda:N, mps"),
+    (["experiment", "--preset", "smoke", "--jobs", "0"], "argument --jobs: '0': must be a whole number ≥ 1"),
+])
+def test_cli_arguments_out_of_range_are_refused_in_one_line(argv, message, capsys):
+    # (--limit -3 used to score all but the last 3 items; --split dev, --prune 10 and --device gpu
+    # ended in tracebacks)
+    with pytest.raises(SystemExit) if message.startswith("argument") else contextlib.nullcontext():
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
 
 
 def test_cli_process_exit_code_for_unknown_key():

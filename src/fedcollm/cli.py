@@ -193,6 +193,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _at_least(low: int):
+    """An argparse type: a whole number ≥ low (argparse turns the ValueError into a one-line error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number ≥ {low}")
+        return value
+    parse.__name__ = "whole number"  # argparse's "invalid whole number value: 'x'"
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedcollm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     p_exp.add_argument("--report-only", action="store_true",
                        help="write the tables from the cached results only; compute nothing")
-    p_exp.add_argument("--jobs", type=int, default=1, metavar="N",
+    p_exp.add_argument("--jobs", type=_at_least(1), default=1, metavar="N",
                        help="run N (method, seed) jobs at once, each in its own process (a large GPU: "
                             "many small jobs side by side; mind its memory)")
     p_exp.add_argument("--aux-fractions", metavar="F,F,...",
@@ -240,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--data", default="arc_easy", help="arc_easy | arc_challenge | openbookqa | commonsense_qa")
     p_eval.add_argument("--file", help="an MCQ JSONL file instead of --data")
     p_eval.add_argument("--data-path", help="data root to search first")
-    p_eval.add_argument("--split", default="test")
-    p_eval.add_argument("--limit", type=int, default=0)
-    p_eval.add_argument("--max-length", type=int, default=256)
-    p_eval.add_argument("--batch-size", type=int, default=0, help="choices per forward pass (0: 16 on CPU, 256 on GPU)")
+    p_eval.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p_eval.add_argument("--limit", type=_at_least(0), default=0, help="score the first N items (0: all)")
+    p_eval.add_argument("--max-length", type=_at_least(1), default=256)
+    p_eval.add_argument("--batch-size", type=_at_least(0), default=0,
+                        help="choices per forward pass (0: 16 on CPU, 256 on GPU)")
     p_eval.add_argument("--device", default="auto")
     p_eval.set_defaults(func=cmd_eval)
 

@@ -148,6 +148,8 @@ def load_split(dataset: str, split: str, user_path: str = "") -> list[MCQRecord]
     if dataset not in DATASETS:
         raise FedCoLLMError(f"unknown dataset {dataset!r} (known: {', '.join(DATASETS)})")
     spec = DATASETS[dataset]
+    if split not in spec.files:
+        raise FedCoLLMError(f"dataset {dataset!r} has no split {split!r} (known: {', '.join(spec.files)})")
     tried = []
     for root in candidate_roots(user_path):
         f = root / spec.files[split]
