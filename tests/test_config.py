@@ -89,6 +89,8 @@ def test_cli_bad_config_exits_nonzero_with_one_line(capsys, tmp_path):
     (["eval", "--model", "tiny-random", "--prune", "10"], "--prune '10': expected FIRST,LAST, e.g. 10,10"),
     (["eval", "--model", "tiny-random", "--device", "gpu"], "--device = 'gpu' is not one of auto, cpu, cuda, cuda:N, mps"),
     (["experiment", "--preset", "smoke", "--jobs", "0"], "argument --jobs: '0': must be a whole number ≥ 1"),
+    (["deploy-local", "--preset", "smoke", "--clients", "0"], "argument --clients: '0': must be a whole number ≥ 1"),
+    (["deploy-local", "--preset", "smoke", "--timeout", "-5"], "argument --timeout: '-5': must be a whole number ≥ 1"),
 ])
 def test_cli_arguments_out_of_range_are_refused_in_one_line(argv, message, capsys):
     # (--limit -3 used to score all but the last 3 items; --split dev, --prune 10 and --device gpu

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from safetensors.numpy import load_file
 
 from fedcollm import components
 from fedcollm.config import load_config
+from fedcollm.errors import FedCoLLMError
 from fedcollm.runs.certs import make_node_key, make_tls
 from fedcollm.runs.deploy import deploy_local
 from fedcollm.runs.simulation import run_simulation
@@ -115,6 +118,28 @@ def test_server_with_an_aux_file_never_reads_the_training_split(own_files, mcq_f
     monkeypatch.setattr(loaders, "load_train", no_training_split)
     data = components.server_data(cfg)
     assert len(data.aux.llm) == len(loaders.read_jsonl(aux)) and data.client_sizes is None
+
+
+def _processes_of(home: Path) -> list:
+    """Processes started with FLWR_HOME = home: this deployment's SuperLink, SuperNodes and ServerApp."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("FLWR_HOME") == str(home):
+                found.append(proc)
+    return found
+
+
+def test_a_run_that_does_not_finish_leaves_no_process_behind(mcq_files, tmp_path):
+    # The SuperLink starts the ServerApp in a session of its own; a run stopped before it ended
+    # (here: out of time while it runs) used to leave that ServerApp running, its models in memory.
+    train, evals = mcq_files
+    cfg = load_config(preset="smoke", overrides=[
+        'data.dataset="mcq_jsonl"', f'data.train_file="{train}"', f'data.eval_file="{evals}"',
+        "data.num_clients=2", "run.progress=false", f'run.out_dir="{tmp_path / "run"}"'])
+    with pytest.raises(FedCoLLMError, match="deployment run .* ended as 'running'"):
+        deploy_local(cfg, timeout=15)
+    assert _processes_of(tmp_path / "run" / "deployment" / "flwr-home") == []
 
 
 def test_deploy_local_clients_sets_the_number_of_clients(monkeypatch):

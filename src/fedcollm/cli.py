@@ -66,7 +66,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_deploy_local(args) -> int:
-    cfg = _config(args, *([f"data.num_clients={args.clients}"] if args.clients else []))
+    cfg = _config(args, *([f"data.num_clients={args.clients}"] if args.clients is not None else []))
     from fedcollm.runs.deploy import deploy_local  # noqa: PLC0415
 
     summary = deploy_local(cfg, timeout=args.timeout)
@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p_dep = sub.add_parser("deploy-local", help="run on a local SuperLink + N SuperNodes (TLS, node auth)")
     _add_config_args(p_dep)
-    p_dep.add_argument("--clients", type=int, help="number of clients, one SuperNode each (sets data.num_clients)")
-    p_dep.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the run")
+    p_dep.add_argument("--clients", type=_at_least(1),
+                       help="number of clients, one SuperNode each (sets data.num_clients)")
+    p_dep.add_argument("--timeout", type=_at_least(1), default=6 * 3600, help="seconds to wait for the run")
     p_dep.set_defaults(func=cmd_deploy_local)
 
     p_exp = sub.add_parser("experiment", help="the paper's methods, baselines and ablations → Table 1 and 2")

@@ -10,6 +10,7 @@ Everything started here is stopped again, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import tomli_w
 
 from fedcollm.config import Config
@@ -81,6 +83,14 @@ class Federation:
         return proc
 
     def stop(self) -> None:
+        # The SuperLink starts the ServerApp in a session of its own: collect every descendant
+        # first, or a ServerApp (with its models in memory) outlives a run that did not finish.
+        family = []
+        for proc in self.procs:
+            try:
+                family += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         for proc in self.procs:
             if proc.poll() is None:
                 try:
@@ -96,6 +106,12 @@ class Federation:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        for child in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.terminate()
+        for child in psutil.wait_procs(family, timeout=5)[1]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([_bin("flwr"), *args], env=self.env, capture_output=True, text=True,
