@@ -161,18 +161,17 @@ def plot(doc: dict, path: Path) -> None:
     width = max(4.0, 1.0 * len(doc["meta"]["cells"]))  # per dataset
     fig, axes = plt.subplots(1, len(results), figsize=(width * len(results), 4.5), squeeze=False)
     for ax, (d, per_cell) in zip(axes[0], results.items()):
-        labels = list(per_cell)
+        labels, metric = list(per_cell), headline_metric(d)
         for k, (model, method, color) in enumerate((("slm", "fedcollm", "tab:blue"), ("llm", "fedcollm", "tab:orange"),
                                                     ("slm", "standalone", "tab:cyan"), ("llm", "centralized", "tab:red"))):
-            ys = [statistics.fmean(v) * 100 if (v := seed_values(per_cell[lab].get(method, {}), model, headline_metric(d)))
-                  else None
+            ys = [statistics.fmean(v) * 100 if (v := seed_values(per_cell[lab].get(method, {}), model, metric)) else None
                   for lab in labels]
             xs = [i + (k - 1.5) * 0.18 for i in range(len(labels))]
             ax.bar([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], width=0.18,
                    color=color, label=f"{method} {model.upper()}")
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels([lab.replace(" ", "\n") for lab in labels], fontsize=6)
-        ax.set_ylabel(f"dev {headline_metric(d)} (%)")
+        ax.set_ylabel(f"dev {metric} (%)")
         ax.set_title(f"{d} ({doc['meta']['dev_splits'][d]})")
         ax.legend(fontsize=6)
         ax.grid(axis="y", alpha=0.3)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 
 from fedcollm.errors import FedCoLLMError
 
@@ -61,8 +64,6 @@ def _run_prune(folder: Path) -> tuple[int, int] | None | bool:
     """The pruning of the base that the adapter saved at OUT/adapters/{slm,llm} was trained on,
     read from OUT/config.toml: (first, last) for a pruned SLM, None for a whole model, False when
     that file is not there (an adapter from elsewhere)."""
-    import tomllib  # noqa: PLC0415
-
     try:
         model = tomllib.loads((folder.parent.parent / "config.toml").read_text())["model"]
         pruned = folder.name == "slm" and not model["slm"]
@@ -80,11 +81,6 @@ def load_saved_adapter(model, path: str, prune: tuple[int, int] | None = None):
     missing or was trained on another base: an SLM adapter on the whole LLM, or on other layers,
     would load into whatever layers carry its names and score without complaint. Checked against
     the run's config.toml where the folder is a run's, and its layer count always."""
-    import re  # noqa: PLC0415
-
-    from peft import PeftModel  # noqa: PLC0415
-    from safetensors import safe_open  # noqa: PLC0415
-
     folder = Path(path)
     weights = folder / "adapter_model.safetensors"
     if not (folder / "adapter_config.json").is_file() or not weights.is_file():
