@@ -94,6 +94,26 @@ def test_where_clients_train_is_not_part_of_the_digest():
     assert _cfg("federation.rounds=2").digest() != _cfg().digest()
 
 
+def test_a_gpu_run_and_a_cpu_run_do_not_share_cached_results(monkeypatch):
+    # dtype "auto" is bf16 on a GPU, fp32 on a CPU: different numbers, so different digests;
+    # on a CPU the digest is what it always was (results/default's summary.json holds it).
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = _cfg().digest()
+    committed = Path(__file__).resolve().parents[1] / "results" / "default" / "summary.json"
+    assert cpu == json.loads(committed.read_text())["config_digest"]
+    assert _cfg('model.device="cpu"').digest() != cpu  # (a changed field, as before)
+    forced_cpu = _cfg('model.device="cpu"').digest()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = _cfg().digest()
+    assert gpu != cpu and gpu == _cfg('model.dtype="bfloat16"').digest()
+    assert _cfg('model.device="cpu"').digest() == forced_cpu  # fp32 on a GPU host too
+
+
 def test_jobs_beside_others_on_a_gpu_train_their_clients_in_one_actor(monkeypatch):
     import torch  # noqa: PLC0415
 

@@ -220,6 +220,15 @@ class Config:
             return self.federation.transport
         return "fp32" if self.privacy.mode != "off" else "int4"
 
+    def on_cuda(self, cuda_available: bool | None = None) -> bool:
+        """model.device resolves to CUDA (models.loading.resolve_device), on this host or on one
+        that has (cuda_available) or lacks CUDA."""
+        if cuda_available is None:
+            import torch  # noqa: PLC0415
+
+            cuda_available = torch.cuda.is_available()
+        return self.model.device.startswith("cuda") or (self.model.device == "auto" and cuda_available)
+
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
@@ -227,10 +236,15 @@ class Config:
         """Short hash of everything that changes results (the output dir does not). A field
         added after results were cached leaves the digest as it was while at its default
         (DIGEST_NEW_FIELDS), so those cached results stay found. The transport is hashed as
-        resolved: "auto" that means fp32 is the same run as "fp32"; federation.client_gpus is not
-        hashed."""
+        resolved: "auto" that means fp32 is the same run as "fp32"; so is the dtype on a GPU;
+        federation.client_gpus is not hashed."""
         d = self.to_dict()
         d["federation"]["transport"] = self.transport_mode()
+        # model.dtype "auto" is bf16 on a GPU and fp32 on a CPU: different numbers, so a GPU run
+        # must not find a CPU run's cached results (or the reverse). Hashed as "bfloat16" where it
+        # resolves to it; fp32 keeps "auto", the value every CPU digest had, so those stay found.
+        if d["model"]["dtype"] == "auto" and self.on_cuda():
+            d["model"]["dtype"] = "bfloat16"
         # client_gpus packs simulated clients into Ray actors: where they train, not what they
         # compute (a run on CUDA refuses 0). Hashed as "auto", the value every digest had.
         d["federation"]["client_gpus"] = "auto"

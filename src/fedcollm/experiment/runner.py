@@ -86,11 +86,7 @@ def sharing_one_gpu(cfg: Config) -> Config:
     results/experiment-gpu/README.md): 3 concurrent jobs of 4 actors and a server each filled an
     80 GB H100, while the other jobs keep the GPU busy anyway. Where clients train is not part of
     the config's digest, so the cached results stay the same."""
-    import torch  # noqa: PLC0415
-
-    from fedcollm.runs.simulation import uses_cuda  # noqa: PLC0415
-
-    if cfg.federation.client_gpus != "auto" or not uses_cuda(cfg, torch.cuda.is_available()):
+    if cfg.federation.client_gpus != "auto" or not cfg.on_cuda():
         return cfg
     return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, client_gpus=1.0))
 

@@ -13,10 +13,6 @@ from fedcollm.errors import FedCoLLMError
 from fedcollm.models.loading import resolve_source
 
 
-def uses_cuda(cfg: Config, cuda_available: bool) -> bool:
-    return cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and cuda_available)
-
-
 def client_resources(cfg: Config, cuda_available: bool, gpu_count: int, cpus: int) -> dict:
     """Ray resources of one simulated client.
 
@@ -28,7 +24,7 @@ def client_resources(cfg: Config, cuda_available: bool, gpu_count: int, cpus: in
     if cfg.model.device.startswith("cuda") and not cuda_available:  # else Ray fails: "ActorPool is empty"
         raise FedCoLLMError(f"config: model.device = {cfg.model.device!r} but torch sees no CUDA device; "
                             "set it to 'auto' or 'cpu'")
-    if not uses_cuda(cfg, cuda_available):
+    if not cfg.on_cuda(cuda_available):
         if f.client_gpus not in ("auto", 0.0):
             raise FedCoLLMError(f"config: federation.client_gpus = {f.client_gpus} but model.device = "
                                 f"{cfg.model.device!r} resolves to the CPU; set it to 0 or 'auto'")
