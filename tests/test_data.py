@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,21 @@ def test_commonsense_qa_hub_fallback_reads_the_labelled_split():
     # Its hub test split has no answers: "test" means validation there, as lm-eval does.
     assert dict(DATASETS["commonsense_qa"].hub_splits)["test"] == "validation"
     assert dict(DATASETS["arc_easy"].hub_splits)["test"] == "test"
+
+
+def test_an_evaluation_set_of_training_items_is_refused_and_a_few_are_named(smoke_cfg, tmp_path, capsys):
+    import dataclasses  # noqa: PLC0415
+
+    from fedcollm import components  # noqa: PLC0415
+
+    train = smoke_cfg.data.train_file
+    same = dataclasses.replace(smoke_cfg, data=dataclasses.replace(smoke_cfg.data, eval_file=train))
+    with pytest.raises(FedCoLLMError, match=r"data: 16 of 16 evaluation items \(.*train.jsonl\) are training items"):
+        components.server_data(same)
+    # One training item among the held-out ones: scored, and said.
+    lines = Path(smoke_cfg.data.eval_file).read_text().splitlines() + Path(train).read_text().splitlines()[:1]
+    mixed = tmp_path / "eval_plus_one.jsonl"
+    mixed.write_text("\n".join(lines) + "\n")
+    one = dataclasses.replace(smoke_cfg, data=dataclasses.replace(smoke_cfg.data, eval_file=str(mixed)))
+    assert len(components.server_data(one).evals) == 13
+    assert f"1 of 13 evaluation items ({mixed}) are also training items" in capsys.readouterr().out

@@ -34,7 +34,7 @@ from fedcollm.config import Config
 from fedcollm.data.encode import Encoded, encode_for_training, encode_pairs
 from fedcollm.data.loaders import load_eval, load_train, read_jsonl, style_of
 from fedcollm.data.partition import Split, split_indices
-from fedcollm.data.records import MCQRecord, context, continuations
+from fedcollm.data.records import MCQRecord, check_held_out, context, continuations
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import Request, encode_requests
 from fedcollm.models.loading import (
@@ -158,9 +158,13 @@ def server_data(cfg: Config) -> ServerData:
     requests = {"llm": encode_requests(tokenizer(cfg), evals, cfg.data.max_length)}
     requests["slm"] = requests["llm"] if shares_tokenizer(cfg) else \
         encode_requests(tokenizer(cfg, "slm"), evals, cfg.data.max_length)
+    where = cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
     if cfg.data.aux_file:
-        return ServerData(_aux_set(cfg, read_jsonl(cfg.data.aux_file, style_of(cfg.data))), evals, requests, None)
+        aux = read_jsonl(cfg.data.aux_file, style_of(cfg.data))
+        check_held_out(evals, aux, where)  # the only training data this server has
+        return ServerData(_aux_set(cfg, aux), evals, requests, None)
     train, split = train_split(cfg)
+    check_held_out(evals, [train[i] for i in itertools.chain(split.aux, *split.clients)], where)
     return ServerData(_aux_set(cfg, [train[i] for i in split.aux]), evals, requests,
                       tuple(len(part) for part in split.clients))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedcollm.errors import FedCoLLMError
+
 
 @dataclass(frozen=True)
 class MCQRecord:
@@ -34,3 +36,26 @@ def continuations(rec: MCQRecord) -> list[str]:
     if rec.style == "commonsense_qa":  # lm-eval scores the letters, the choices are in the prompt
         return [f" {chr(65 + i)}" for i in range(len(rec.choices))]
     return [f" {c}" for c in rec.choices]
+
+
+def shared_items(evals: list[MCQRecord], train: list[MCQRecord]) -> int:
+    """How many evaluation items are also training items: the same question and choices, in
+    order, ignoring case and surrounding spaces."""
+    def key(r: MCQRecord) -> tuple:
+        return r.question.strip().lower(), tuple(c.strip().lower() for c in r.choices)
+
+    seen = {key(r) for r in train}
+    return sum(key(r) in seen for r in evals)
+
+
+def check_held_out(evals: list[MCQRecord], train: list[MCQRecord], where: str) -> None:
+    """Refuse an evaluation set that is mostly training items (e.g. data.eval_file naming the
+    training file: its scores would be reported as test accuracy); say how many there are
+    otherwise (ARC-Easy's test split repeats 2 of its training items)."""
+    n = shared_items(evals, train)
+    if evals and 2 * n >= len(evals):
+        raise FedCoLLMError(f"data: {n} of {len(evals)} evaluation items ({where}) are training items, word for "
+                            "word: evaluate on held-out data")
+    if n:
+        print(f"[fedcollm] data: {n} of {len(evals)} evaluation items ({where}) are also training items, "
+              "word for word; their scores are not held-out scores", flush=True)
