@@ -121,3 +121,13 @@ def test_pairs_longer_than_max_length_are_cut_from_the_left_and_counted(capsys):
             f"{len(whole[1])}) and were cut from the left") in capsys.readouterr().out
     encode_pairs(tok, pairs[:1], limit)
     assert "cut" not in capsys.readouterr().out  # nothing cut, nothing said
+
+
+def test_nan_log_likelihoods_are_refused_not_scored():
+    from fedcollm.errors import FedCoLLMError  # noqa: PLC0415
+
+    good = [[-1.0, -2.0, -3.0], [-1.0, -0.5], [-4.0, -1.0, -2.0, -3.0], [-1.0, -2.0, -3.0]]
+    assert accuracy(RECORDS, good)["acc"] == 0.5  # items a and d right
+    bad = [good[0], [float("nan"), float("nan")], *good[2:]]
+    with pytest.raises(FedCoLLMError, match="log-likelihoods are NaN on 1 of 4 items: its weights diverged"):
+        accuracy(RECORDS, bad)

@@ -231,6 +231,23 @@ def test_below_min_clients_the_run_stops_cleanly(smoke_cfg, tmp_path):
     assert all(not v.any() for k, v in saved.items() if "lora_B" in k)  # the initial global adapter
 
 
+def test_a_diverged_kd_ends_the_run_on_the_last_good_state(smoke_cfg, tmp_path):
+    # distill.lr = 1e8 turns the LLM adapter to NaN in round 1's KD (its losses still read finite):
+    # that round fails, and neither NaN adapter is scored, saved or sent.
+    cfg = _cfg(smoke_cfg, tmp_path)
+    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, lr=1e8),
+                              federation=dataclasses.replace(cfg.federation, rounds=2))
+    with pytest.raises(FedCoLLMError, match=r"run stopped in round 1: the server's mutual KD diverged: the LLM "
+                                            r"adapter holds NaN or Inf .*; lower distill.lr = 1e\+08"):
+        simulate(cfg)
+    out = tmp_path / "run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 0 and summary["failed_rounds"][0]["round"] == 1
+    saved = _adapters(out)
+    assert all(np.isfinite(v).all() for m in saved.values() for v in m.values())
+    assert all(not v.any() for k, v in saved["slm"].items() if "lora_B" in k)  # the initial global adapter
+
+
 @pytest.mark.parametrize("arrays,n,reason", [
     ([np.zeros((2, 3), np.float32)], 0, "example count 0 is not a positive integer"),
     ([np.zeros((2, 3), np.float32)], -4, "example count -4 is not a positive integer"),

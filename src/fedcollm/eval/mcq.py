@@ -12,6 +12,7 @@ keyword is swallowed by some versions, which then score every choice without its
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from fedcollm.data.encode import encode_pairs
 from fedcollm.data.records import MCQRecord, context, continuations
+from fedcollm.errors import FedCoLLMError
 from fedcollm.models.compat import cache_kwargs, output_cache
 
 CPU_BATCH, CUDA_BATCH = 16, 256  # choices per forward pass when run.eval_batch_size = 0 (auto)
@@ -115,7 +117,14 @@ def _argmax(xs: list[float]) -> int:
 
 
 def accuracy(records: list[MCQRecord], logliks: list[list[float]]) -> dict:
-    """acc, acc_norm and n over the records, and which items each got right (paired tests)."""
+    """acc, acc_norm and n over the records, and which items each got right (paired tests).
+
+    NaN log-likelihoods (a diverged model) are refused: argmax over them would pick a choice
+    and report it as an accuracy."""
+    nan = sum(any(math.isnan(x) for x in ll) for ll in logliks)
+    if nan:
+        raise FedCoLLMError(f"evaluation: the model's log-likelihoods are NaN on {nan} of {len(logliks)} items: "
+                            "its weights diverged (a learning rate too high?)")
     correct, correct_norm = [], []
     for rec, ll in zip(records, logliks):
         chars = [len(c[1:]) or 1 for c in continuations(rec)]  # lm-eval: len(choice), no " "

@@ -230,11 +230,22 @@ class FedCoLLMStrategy(Strategy):
             return self._broadcast(), {}
         t1 = time.time()
         maybe_kill("kd", rnd)  # tests: a crash in the middle of the server's round
+        llm_before = adapter_to_ndarrays(self.llm)
         kd = mutual_distill(
             self.llm, self.slm, self.data.aux, self.cfg.distill, seed=self.cfg.run.seed * 7919 + rnd,
             device=self.device, maps=components.vocab_maps(self.cfg), progress=self.cfg.run.progress)
         stats.update({f"kd_{k}": v for k, v in kd.items()})
         stats["kd_s"] = time.time() - t1
+        diverged = [name for name, model in (("LLM", self.llm), ("SLM", self.slm))
+                    if not all(np.all(np.isfinite(a)) for a in adapter_to_ndarrays(model))]
+        if diverged:  # NaN adapters would score as if they were models: end the run on the last good state
+            load_adapter_ndarrays(self.llm, llm_before)
+            load_adapter_ndarrays(self.slm, self.reference.held)
+            self.aggregated = False
+            self.stopped = (f"the server's mutual KD diverged: the {' and '.join(diverged)} adapter holds NaN or Inf "
+                            f"(KD losses {', '.join(f'{k} {v:.4g}' for k, v in kd.items() if k != 'steps')}); "
+                            f"lower distill.lr = {self.cfg.distill.lr:g}")
+            return None, {}
         return self._broadcast(), {}
 
     def evaluate(self, server_round, parameters):
