@@ -89,6 +89,9 @@ def test_cli_bad_config_exits_nonzero_with_one_line(capsys, tmp_path):
     (["eval", "--model", "tiny-random", "--prune", "10"], "--prune '10': expected FIRST,LAST, e.g. 10,10"),
     (["eval", "--model", "tiny-random", "--device", "gpu"], "--device = 'gpu' is not one of auto, cpu, cuda, cuda:N, mps"),
     (["experiment", "--preset", "smoke", "--jobs", "0"], "argument --jobs: '0': must be a whole number ≥ 1"),
+    (["experiment", "--preset", "smoke", "--seeds", "0,1,0"], "--seeds '0,1,0': 0 given twice"),
+    (["experiment", "--preset", "smoke", "--seeds", "0,,1"], "--seeds '0,,1': an empty item"),
+    (["experiment", "--preset", "smoke", "--datasets", "arc_easy,arc_easy"], "--datasets 'arc_easy,arc_easy': arc_easy given twice"),
     (["deploy-local", "--preset", "smoke", "--clients", "0"], "argument --clients: '0': must be a whole number ≥ 1"),
     (["deploy-local", "--preset", "smoke", "--timeout", "-5"], "argument --timeout: '-5': must be a whole number ≥ 1"),
 ])

@@ -83,11 +83,8 @@ def cmd_experiment(args) -> int:
     from fedcollm.experiment.runner import run_experiment  # noqa: PLC0415
 
     base = _config(args)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise FedCoLLMError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    datasets = args.datasets.split(",") if args.datasets else [base.data.dataset]
+    seeds = _listed(args.seeds, "--seeds", int, "integers, e.g. 0,1,2")
+    datasets = _listed(args.datasets, "--datasets") if args.datasets else [base.data.dataset]
     from fedcollm.config import load_config  # noqa: PLC0415
 
     for d in datasets:  # each dataset's config is validated before anything runs
@@ -97,15 +94,12 @@ def cmd_experiment(args) -> int:
     if args.aux_fractions:
         from fedcollm.experiment.runner import run_aux_sizes  # noqa: PLC0415
 
-        try:
-            fractions = [float(f) for f in args.aux_fractions.split(",")]
-        except ValueError:
-            raise FedCoLLMError(f"--aux-fractions {args.aux_fractions!r}: expected numbers, e.g. 0.05,0.1,0.2,0.4") from None
+        fractions = _listed(args.aux_fractions, "--aux-fractions", float, "numbers, e.g. 0.05,0.1,0.2,0.4")
         for f in fractions:  # each one validated (0 < f < 1) before anything runs
             load_config(args.config, [*args.overrides, f"data.aux_fraction={f}"], args.preset)
         if len(datasets) != 1:
             raise FedCoLLMError("--aux-fractions: name one dataset (--datasets)")
-        run_aux_sizes(base, datasets[0], fractions, seeds, args.methods.split(",") if args.methods else ["fedcollm"],
+        run_aux_sizes(base, datasets[0], fractions, seeds, _listed(args.methods, "--methods") if args.methods else ["fedcollm"],
                       out, command, compute=not args.report_only, allow_mixed=args.allow_mixed_versions,
                       parallel=args.jobs)
         print(f"[fedcollm] {out}/aux_size.md, {out}/aux_size.png, {out}/aux_size.json")
@@ -124,7 +118,7 @@ def cmd_experiment(args) -> int:
         return 0
     if args.dev_grid:
         return _dev_search(args, datasets, seeds, out, command)
-    methods = args.methods.split(",") if args.methods else list(METHODS)
+    methods = _listed(args.methods, "--methods") if args.methods else list(METHODS)
     doc = run_experiment(base, datasets, seeds, methods, out, command,
                          compute=not args.report_only, allow_mixed=args.allow_mixed_versions, parallel=args.jobs)
     print(f"[fedcollm] {len(doc['results'])} dataset(s): {out}/table1.md, {out}/table2.md, {out}/results.json")
@@ -147,7 +141,7 @@ def _dev_search(args, datasets: list[str], seeds: list[int], out, command: str) 
     for cell in cells:  # every cell validated on every dataset before anything runs
         for d in datasets:
             config_of(cell, d, seeds[0])
-    methods = args.methods.split(",") if args.methods else list(dev_search.METHODS)
+    methods = _listed(args.methods, "--methods") if args.methods else list(dev_search.METHODS)
     doc = dev_search.run_dev_search(config_of, cells, datasets, seeds, methods, out, command,
                                     compute=not args.report_only, allow_mixed=args.allow_mixed_versions,
                                     parallel=args.jobs)
@@ -191,6 +185,22 @@ def cmd_eval(args) -> int:
     print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.file or args.data,
                       "split": args.split, **{k: res[k] for k in ("acc", "acc_norm", "n")}}))
     return 0
+
+
+def _listed(text: str, flag: str, parse=str, what: str = "names"):
+    """A comma-separated option's values, each parsed, none empty or twice (a seed listed twice
+    would count as two seeds in the table's means)."""
+    items = [t.strip() for t in text.split(",")]
+    try:
+        values = [parse(t) for t in items if t]
+    except ValueError:
+        raise FedCoLLMError(f"{flag} {text!r}: expected comma-separated {what}") from None
+    if len(values) != len(items):
+        raise FedCoLLMError(f"{flag} {text!r}: an empty item")
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        raise FedCoLLMError(f"{flag} {text!r}: {', '.join(twice)} given twice")
+    return values
 
 
 def _at_least(low: int):
