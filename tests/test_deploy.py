@@ -136,9 +136,9 @@ def test_a_run_that_does_not_finish_leaves_no_process_behind(mcq_files, tmp_path
     train, evals = mcq_files
     cfg = load_config(preset="smoke", overrides=[
         'data.dataset="mcq_jsonl"', f'data.train_file="{train}"', f'data.eval_file="{evals}"',
-        "data.num_clients=2", "run.progress=false", f'run.out_dir="{tmp_path / "run"}"'])
-    with pytest.raises(FedCoLLMError, match="deployment run .* ended as 'running'"):
-        deploy_local(cfg, timeout=15)
+        "data.num_clients=2", "federation.rounds=30", "run.progress=false", f'run.out_dir="{tmp_path / "run"}"'])
+    with pytest.raises(FedCoLLMError, match="deployment run .* ended as 'running'"):  # 30 rounds take minutes
+        deploy_local(cfg, timeout=30)
     assert _processes_of(tmp_path / "run" / "deployment" / "flwr-home") == []
 
 
