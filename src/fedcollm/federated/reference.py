@@ -30,6 +30,7 @@ from flwr.common import ArrayRecord, ConfigRecord
 
 from fedcollm.errors import FedCoLLMError
 from fedcollm.federated import transport
+from fedcollm.federated.validate import shape_problem
 
 # Fit-config keys of a downlink message (the round's FitIns config).
 FROM, STEPS, TO, CHECK = "reference_from", "reference_steps", "reference_version", "reference_crc32"
@@ -50,12 +51,9 @@ def crc32(arrays: list[np.ndarray]) -> int:
 
 def _add(held: list[np.ndarray], change: list[np.ndarray]) -> list[np.ndarray]:
     """held + change, tensor by tensor; ValueError naming the first tensor that does not fit
-    (in the words of validate.update_problem, which never sees a change that fails here)."""
-    if len(change) != len(held):
-        raise ValueError(f"{len(change)} adapter tensors, expected {len(held)}")
-    for i, (h, c) in enumerate(zip(held, change)):
-        if c.shape != h.shape:
-            raise ValueError(f"tensor {i} has shape {tuple(c.shape)}, expected {tuple(h.shape)}")
+    (validate.shape_problem: update_problem's words, as it never sees a change that fails here)."""
+    if problem := shape_problem(change, held):
+        raise ValueError(problem)
     return [np.add(h, c, dtype=np.float32) for h, c in zip(held, change)]
 
 

@@ -6,6 +6,16 @@ from __future__ import annotations
 import numpy as np
 
 
+def shape_problem(arrays: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
+    """Why `arrays` do not fit the adapter `reference` (tensor count, then each shape), or None."""
+    if len(arrays) != len(reference):
+        return f"{len(arrays)} adapter tensors, expected {len(reference)}"
+    for i, (a, ref) in enumerate(zip(arrays, reference)):
+        if a.shape != ref.shape:
+            return f"tensor {i} has shape {tuple(a.shape)}, expected {tuple(ref.shape)}"
+    return None
+
+
 def update_problem(arrays: list[np.ndarray], global_adapter: list[np.ndarray], num_examples: int,
                    max_norm: float, max_examples: int) -> str | None:
     """Why this update must not be averaged, or None if it is fine.
@@ -19,12 +29,10 @@ def update_problem(arrays: list[np.ndarray], global_adapter: list[np.ndarray], n
         return f"example count {num_examples!r} is not a positive integer"
     if num_examples > max_examples:
         return f"example count {num_examples} exceeds federation.max_client_examples = {max_examples}"
-    if len(arrays) != len(global_adapter):
-        return f"{len(arrays)} adapter tensors, expected {len(global_adapter)}"
+    if problem := shape_problem(arrays, global_adapter):
+        return problem
     norm2 = 0.0
     for i, (a, ref) in enumerate(zip(arrays, global_adapter)):
-        if a.shape != ref.shape:
-            return f"tensor {i} has shape {tuple(a.shape)}, expected {tuple(ref.shape)}"
         if not np.issubdtype(a.dtype, np.floating):
             return f"tensor {i} has dtype {a.dtype}, expected a float type"
         if not np.all(np.isfinite(a)):
