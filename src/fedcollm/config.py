@@ -382,10 +382,13 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def check_device_name(name: str, where: str) -> None:
-    """model.device (or `fedcollm eval --device`): a device name torch knows and fedcollm runs on."""
+def check_device_name(name: str, where: str, cuda_available: bool | None = None) -> None:
+    """model.device (or `fedcollm eval --device`): a device name torch knows and fedcollm runs on,
+    and, where CUDA's presence is known, not a CUDA device on a host without one."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
         raise FedCoLLMError(f"{where} = {name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    if cuda_available is False and name.startswith("cuda"):
+        raise FedCoLLMError(f"{where} = {name!r} but torch sees no CUDA device; set it to 'auto' or 'cpu'")
 
 
 def validate(cfg: Config) -> None:

@@ -55,11 +55,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_device(name: str, where: str = "config: model.device") -> torch.device:
     """auto → cuda when torch sees a GPU, else cpu; a named device that this host lacks is refused
     in one line (`where` names the setting) rather than failing later deep inside torch or Ray."""
-    check_device_name(name, where)
+    check_device_name(name, where, torch.cuda.is_available())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FedCoLLMError(f"{where} = {name!r} but torch sees no CUDA device; set it to 'auto' or 'cpu'")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise FedCoLLMError(f"{where} = {name!r} but torch sees {torch.cuda.device_count()} CUDA device(s), "

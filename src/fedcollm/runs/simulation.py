@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from fedcollm import components
-from fedcollm.config import Config, check_files
+from fedcollm.config import Config, check_device_name, check_files
 from fedcollm.errors import FedCoLLMError
 from fedcollm.models.loading import resolve_source
 
@@ -21,9 +21,7 @@ def client_resources(cfg: Config, cuda_available: bool, gpu_count: int, cpus: in
     GPUs among the clients that can train at once: min(clients per round, cores / client_cpus).
     """
     f = cfg.federation
-    if cfg.model.device.startswith("cuda") and not cuda_available:  # else Ray fails: "ActorPool is empty"
-        raise FedCoLLMError(f"config: model.device = {cfg.model.device!r} but torch sees no CUDA device; "
-                            "set it to 'auto' or 'cpu'")
+    check_device_name(cfg.model.device, "config: model.device", cuda_available)  # else Ray: "ActorPool is empty"
     if not cfg.on_cuda(cuda_available):
         if f.client_gpus not in ("auto", 0.0):
             raise FedCoLLMError(f"config: federation.client_gpus = {f.client_gpus} but model.device = "
