@@ -236,8 +236,8 @@ class FedCoLLMStrategy(Strategy):
             device=self.device, maps=components.vocab_maps(self.cfg), progress=self.cfg.run.progress)
         stats.update({f"kd_{k}": v for k, v in kd.items()})
         stats["kd_s"] = time.time() - t1
-        diverged = [name for name, model in (("LLM", self.llm), ("SLM", self.slm))
-                    if not all(np.all(np.isfinite(a)) for a in adapter_to_ndarrays(model))]
+        diverged = [name for name, model in (("LLM", self.llm), ("SLM", self.slm))  # checked where they are
+                    if not all(torch.isfinite(t).all() for t in adapter_state(model).values())]
         if diverged:  # NaN adapters would score as if they were models: end the run on the last good state
             load_adapter_ndarrays(self.llm, llm_before)
             load_adapter_ndarrays(self.slm, self.reference.held)
