@@ -11,6 +11,10 @@ PY=${PYTHON:-python3}
 if [ "${1:-}" = "--offline" ]; then
   [ -d "${2:-}" ] || { echo "setup.sh: --offline needs a wheelhouse folder (scripts/wheelhouse.sh DIR)" >&2; exit 2; }
   DIR=$(cd "$2" && pwd)
+  for bundle in "$DIR"/bundle-*/; do  # gather what travelled in bundles (wheelhouse.sh --bundle-mb)
+    [ -d "$bundle" ] || continue
+    mv "$bundle"* "$DIR"/ && rmdir "$bundle"
+  done
   for first in "$DIR"/*.part-00; do  # re-join files that travelled in pieces
     [ -e "$first" ] || continue
     whole=${first%.part-00}

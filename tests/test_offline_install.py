@@ -1,4 +1,4 @@
-"""Offline install: scripts/wheelhouse.sh makes a folder of wheels (pieces included), and
+"""Offline install: scripts/wheelhouse.sh makes a folder of wheels (pieces and bundles included), and
 scripts/setup.sh --offline installs fedcollm and the model from it into a clean venv with every
 index switched off and a dead proxy for any network access."""
 
@@ -48,15 +48,19 @@ def test_setup_offline_installs_from_a_wheelhouse_without_network(tmp_path):
     checkout = _checkout_copy(tmp_path / "checkout")
     house = tmp_path / "wheels"
     env = _clean_env(PYTHON=sys.executable)
-    _run(["bash", str(checkout / "scripts" / "wheelhouse.sh"), str(house), "--split-mb", "40"], env=env, timeout=1800)
-    assert list(house.glob("*.whl.part-00")), "expected the large wheels cut into pieces"
-    assert all(f.stat().st_size <= 40 * 1024 * 1024 for f in house.iterdir())
+    _run(["bash", str(checkout / "scripts" / "wheelhouse.sh"), str(house), "--split-mb", "40", "--bundle-mb", "60"],
+         env=env, timeout=1800)
+    assert list(house.glob("bundle-*/*.whl.part-00")), "expected the large wheels cut into pieces"
+    bundles = sorted(house.iterdir())
+    assert len(bundles) > 1 and all(b.name.startswith("bundle-") for b in bundles), bundles
+    assert all(sum(f.stat().st_size for f in b.iterdir()) <= 60 * 1024 * 1024 for b in bundles)
     offline = _clean_env(PIP_NO_INDEX="1", PIP_FIND_LINKS="", PIP_EXTRA_INDEX_URL="",
                    http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                    HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
                    PYTHON=shutil.which("python3") or sys.executable)
     _run(["bash", str(checkout / "scripts" / "setup.sh"), "--offline", str(house)], env=offline, timeout=1800)
     assert not list(house.glob("*.part-*")), "the pieces were joined"
+    assert not list(house.glob("bundle-*")), "the bundles were gathered"
     python = checkout / ".venv" / "bin" / "python"
     probe = _run([str(python), "-c", (
         "import fedcollm, flwr, peft, transformers, torch, ray;"
