@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcollm.data.loaders import candidate_roots, load_split, read_jsonl
+from fedcollm.data.loaders import candidate_roots, load_split, read_jsonl, eval_split_note
 from fedcollm.errors import FedCoLLMError
 
 SHARED = next((r for r in candidate_roots() if (r / "arc").is_dir()), None)
@@ -92,6 +92,22 @@ def test_commonsense_qa_hub_fallback_reads_the_labelled_split():
     # Its hub test split has no answers: "test" means validation there, as lm-eval does.
     assert dict(DATASETS["commonsense_qa"].hub_splits)["test"] == "validation"
     assert dict(DATASETS["arc_easy"].hub_splits)["test"] == "test"
+
+
+def test_reports_say_when_the_test_split_is_the_validation_split():
+    """A CommonsenseQA report said "1221 items (test split)" for its validation file."""
+    from fedcollm.report import report_markdown  # noqa: PLC0415
+
+    assert "validation split" in eval_split_note("commonsense_qa", "test")
+    assert eval_split_note("commonsense_qa", "validation") == ""
+    assert eval_split_note("arc_easy", "test") == "" and eval_split_note("mcq_jsonl", "test") == ""
+    comm = {"adapter_params": 1, "full_slm_params": 10, "full_slm_fp32_bytes": 40, "transport": "fp32",
+            "bytes_up_per_client_round": 4, "bytes_down_per_client_round": 4,
+            "up_ratio_to_fp32_slm": 0.1, "down_ratio_to_fp32_slm": 0.1}
+    summary = {"dataset": "commonsense_qa", "eval_split": "test", "eval_examples": 1221, "comm": comm,
+               "llm_model": "tiny-random", "slm_model": "tiny-random", "num_clients": 4, "wall_s": 1.0,
+               "secure_aggregation": False, "privacy": False}
+    assert "(test split; commonsense_qa: its validation split" in report_markdown(summary, [], "fedcollm run")
 
 
 def test_an_evaluation_set_of_training_items_is_refused_and_a_few_are_named(smoke_cfg, tmp_path, capsys):

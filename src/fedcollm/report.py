@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedcollm.data.loaders import eval_split_note
+
 
 def _fmt(x: Any, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -84,10 +86,12 @@ def build_summary(rows: list[dict], comm: dict, extra: dict) -> dict:
 
 def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
     c = summary["comm"]
+    note = eval_split_note(summary["dataset"], summary["eval_split"])
     lines = [
         f"# FedCoLLM run: {summary['dataset']}", "",
         f"Command: `{command}`", "",
-        f"Evaluation: {summary['eval_examples']} {summary['dataset']} items ({summary['eval_split']} split), "
+        f"Evaluation: {summary['eval_examples']} {summary['dataset']} items ({summary['eval_split']} split"
+        f"{'; ' + note if note else ''}), "
         "zero-shot multiple-choice log-likelihood as in lm-evaluation-harness; accuracies in %. "
         "Round 0 is before any training.", "",
         "| round | SLM acc | SLM acc_norm | LLM acc | LLM acc_norm | client loss | KD CE (LLM/SLM) | KD KL (LLM/SLM) | up B/client | down B/client |",

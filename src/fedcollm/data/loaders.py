@@ -169,6 +169,15 @@ def headline_metric(dataset: str) -> str:
     return DATASETS[dataset].metric if dataset in DATASETS else "acc"
 
 
+def eval_split_note(dataset: str, split: str) -> str:
+    """What a report adds after "test split" where the dataset's test split is its validation
+    file (CommonsenseQA: no labelled test split, as in lm-eval), else ''."""
+    files = DATASETS[dataset].files if dataset in DATASETS else {}
+    if split == "test" and files.get("test") and files["test"] == files.get("validation"):
+        return f"{dataset}: its validation split, the test split having no labels, as in lm-evaluation-harness"
+    return ""
+
+
 def item_key(metric: str) -> str:
     """Where a score keeps its per-item correctness for `metric` (eval.mcq.accuracy)."""
     return {"acc": "correct", "acc_norm": "correct_norm"}[metric]

@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from fedcollm.data.loaders import headline_metric, item_key
+from fedcollm.data.loaders import headline_metric, item_key, eval_split_note
 from fedcollm.experiment.methods import LABELS, SEED_INDEPENDENT
 from fedcollm.experiment.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap
 
@@ -202,6 +202,7 @@ def code_line(meta: dict) -> str:
 def table1(results: dict, meta: dict) -> str:
     datasets, methods = meta["datasets"], meta["methods"]
     cfg, n_seeds = meta["config"], len(meta["seeds"])
+    notes = "; ".join(filter(None, (eval_split_note(d, cfg["data"]["eval_split"]) for d in datasets)))
     lines = [
         "# Table 1: accuracy of the client SLM and the server LLM (%)", "",
         f"Command: `{meta['command']}`  ",
@@ -214,7 +215,7 @@ def table1(results: dict, meta: dict) -> str:
         f"Data: {cfg['data']['num_clients']} clients; training split cut into {cfg['data']['num_clients'] + 1} "
         f"equal parts ({cfg['data']['partition']}) of the first {cfg['data']['max_train_examples'] or 'all'} "
         f"shuffled training examples; evaluated on {cfg['data']['eval_examples'] or 'all'} items of the "
-        f"{cfg['data']['eval_split']} split; {cfg['federation']['rounds']} rounds × "
+        f"{cfg['data']['eval_split']} split{f' ({notes})' if notes else ''}; {cfg['federation']['rounds']} rounds × "
         f"{cfg['client']['local_epochs']} local epoch(s); KD λ={cfg['distill']['kd_lambda']}, "
         f"τ={cfg['distill']['temperature']}", "",
         "## SLM (client model), acc", "", *_block(results, datasets, methods, "slm", "acc", n_seeds), "",
