@@ -53,14 +53,17 @@ go() {
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 2 > "$out/nvsmi.log" 2>&1 &
   local smi=$!
   nvidia-smi > "$out/device.txt" 2>&1 || true
-  .venv/bin/python -c "import torch, transformers, peft, flwr; print(torch.__version__, transformers.__version__, peft.__version__, flwr.__version__)" >> "$out/device.txt"
+  .venv/bin/python -c "from importlib.metadata import version as v; print(*(f'{p} {v(p)}' for p in ('torch', 'transformers', 'peft', 'flwr', 'ray')), sep=', ')" \
+    >> "$out/device.txt" 2>&1 || true
 
-  # 1. Dev search: the largest dataset first (its jobs are the longest), 6 jobs at once.
+  # 1. Dev search: the largest dataset first (its jobs are the longest), 6 jobs at once. It spans
+  #    sessions, and code changes between them: cells of another code version are kept, not
+  #    recomputed (--allow-mixed-versions; dev.md names each version).
   mkdir -p runs/dev-gpu
   [ ! -d results/experiment-gpu/dev/cache ] || cp -rn results/experiment-gpu/dev/cache runs/dev-gpu/ || true
   timeout "$(upto 150)" .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml --seeds 0 \
     --jobs 6 --methods fedcollm --datasets commonsense_qa,openbookqa,arc_easy --dev-grid "$DEV_GRID" \
-    --out runs/dev-gpu > "$out/dev.log" 2>&1 || echo "dev search stopped: rc $?" >> "$out/dev.log"
+    --allow-mixed-versions --out runs/dev-gpu > "$out/dev.log" 2>&1 || echo "dev search stopped: rc $?" >> "$out/dev.log"
   .venv/bin/ray stop --force > /dev/null 2>&1 || true  # actors of jobs that the timeout cut short
   mkdir -p "$out/dev-gpu" && cp -r runs/dev-gpu/cache "$out/dev-gpu/" 2>/dev/null || true
   cp runs/dev-gpu/dev.* "$out/dev-gpu/" 2>/dev/null || true
