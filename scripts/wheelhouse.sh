@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: $0 DIR [--python X.Y] [--platform TAG] [--host-has 'pkg ...'] [--split-mb N]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 DIR [--python X.Y] [--platform TAG] [--host-has 'pkg ...'] [--split-mb N] [--bundle-mb M]" >&2; exit 2; }
 OUT=$1; shift
 TARGET=(); HOST_HAS=""; SPLIT_MB=0; BUNDLE_MB=0; DRY=0
 while [ $# -gt 0 ]; do

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcollm.data.loaders import candidate_roots, load_split, read_jsonl, eval_split_note
+from fedcollm.data.loaders import candidate_roots, eval_split_note, load_split, read_jsonl
 from fedcollm.errors import FedCoLLMError
 
 SHARED = next((r for r in candidate_roots() if (r / "arc").is_dir()), None)

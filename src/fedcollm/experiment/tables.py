@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from fedcollm.data.loaders import headline_metric, item_key, eval_split_note
+from fedcollm.data.loaders import eval_split_note, headline_metric, item_key
 from fedcollm.experiment.methods import LABELS, SEED_INDEPENDENT
 from fedcollm.experiment.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap
 
