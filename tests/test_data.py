@@ -101,6 +101,10 @@ def test_reports_say_when_the_test_split_is_the_validation_split():
     assert "validation split" in eval_split_note("commonsense_qa", "test")
     assert eval_split_note("commonsense_qa", "validation") == ""
     assert eval_split_note("arc_easy", "test") == "" and eval_split_note("mcq_jsonl", "test") == ""
+    from fedcollm.experiment.tables import split_words  # noqa: PLC0415 - table1, traffic and aux-size tables
+
+    assert split_words("test", ["arc_easy", "commonsense_qa"]).startswith("test split (commonsense_qa: its validation")
+    assert split_words("validation", ["commonsense_qa"]) == "validation split"
     comm = {"adapter_params": 1, "full_slm_params": 10, "full_slm_fp32_bytes": 40, "transport": "fp32",
             "bytes_up_per_client_round": 4, "bytes_down_per_client_round": 4,
             "up_ratio_to_fp32_slm": 0.1, "down_ratio_to_fp32_slm": 0.1}

@@ -199,10 +199,15 @@ def code_line(meta: dict) -> str:
     return line
 
 
+def split_words(split: str, datasets: list[str]) -> str:
+    """'<split> split', naming the datasets whose test split is their validation file (CommonsenseQA)."""
+    notes = "; ".join(filter(None, (eval_split_note(d, split) for d in datasets)))
+    return f"{split} split" + (f" ({notes})" if notes else "")
+
+
 def table1(results: dict, meta: dict) -> str:
     datasets, methods = meta["datasets"], meta["methods"]
     cfg, n_seeds = meta["config"], len(meta["seeds"])
-    notes = "; ".join(filter(None, (eval_split_note(d, cfg["data"]["eval_split"]) for d in datasets)))
     lines = [
         "# Table 1: accuracy of the client SLM and the server LLM (%)", "",
         f"Command: `{meta['command']}`  ",
@@ -215,7 +220,7 @@ def table1(results: dict, meta: dict) -> str:
         f"Data: {cfg['data']['num_clients']} clients; training split cut into {cfg['data']['num_clients'] + 1} "
         f"equal parts ({cfg['data']['partition']}) of the first {cfg['data']['max_train_examples'] or 'all'} "
         f"shuffled training examples; evaluated on {cfg['data']['eval_examples'] or 'all'} items of the "
-        f"{cfg['data']['eval_split']} split{f' ({notes})' if notes else ''}; {cfg['federation']['rounds']} rounds × "
+        f"{split_words(cfg['data']['eval_split'], datasets)}; {cfg['federation']['rounds']} rounds × "
         f"{cfg['client']['local_epochs']} local epoch(s); KD λ={cfg['distill']['kd_lambda']}, "
         f"τ={cfg['distill']['temperature']}", "",
         "## SLM (client model), acc", "", *_block(results, datasets, methods, "slm", "acc", n_seeds), "",
@@ -278,8 +283,8 @@ def aux_size_table(results: dict, meta: dict) -> str:
              f"Command: `{meta['command']}`  ", code_line(meta),
              f"Seeds: {', '.join(map(str, meta['seeds']))} (mean ± sample std); the rest of the training split "
              f"is cut into {meta['config']['data']['num_clients']} client parts; evaluated on "
-             f"{meta['config']['data']['eval_examples'] or 'all'} items of the {meta['config']['data']['eval_split']} "
-             "split. The paper's setup is 20%.", "",
+             f"{meta['config']['data']['eval_examples'] or 'all'} items of the "
+             f"{split_words(meta['config']['data']['eval_split'], [meta['dataset']])}. The paper's setup is 20%.", "",
              "| aux share | aux examples | method | SLM acc | LLM acc | SLM acc_norm | LLM acc_norm |",
              "|---|---|---|---|---|---|---|"]
     for f in fractions:

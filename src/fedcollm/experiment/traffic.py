@@ -21,7 +21,7 @@ from fedcollm.config import ALL_PROJECTIONS, Config, validate
 from fedcollm.data.loaders import headline_metric
 from fedcollm.errors import FedCoLLMError
 from fedcollm.experiment.runner import Cache, Job, cfg_for
-from fedcollm.experiment.tables import code_line, fmt_mean_std, mean_std, seed_values
+from fedcollm.experiment.tables import code_line, fmt_mean_std, mean_std, seed_values, split_words
 
 MODULE_SETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"), "all": ALL_PROJECTIONS}
 TRANSPORTS = ("fp32", "fp16", "int8", "int4")
@@ -132,7 +132,7 @@ def table(doc: dict, points: list[Point]) -> str:
     lines = ["# FedCoLLM accuracy against traffic", "", f"Command: `{meta['command']}`  ", code_line(meta),
              f"Seeds {', '.join(map(str, meta['seeds']))} (mean ± sample std, %, in each dataset's headline metric); "
              f"rounds: {cfg['federation']['rounds']}; {cfg['data']['eval_examples'] or 'all'} items of the "
-             f"{cfg['data']['eval_split']} split. Bytes: Flower message payload per client and round; "
+             f"{split_words(cfg['data']['eval_split'], list(results))}. Bytes: Flower message payload per client and round; "
              "share: of the fp32 SLM.", ""]
     for dataset, per_point in results.items():
         metric = headline_metric(dataset)
