@@ -14,10 +14,10 @@
 # The work, most needed first (each step resumes from what an earlier warm call cached in runs/):
 #   1. #12's dev search (configs/experiment-gpu.toml on the validation splits, seed 0, FedCoLLM),
 #      seeded from the committed cache results/experiment-gpu/dev/cache so that it continues over
-#      sessions; commit $OUT/dev-gpu/cache there afterwards.
-#   2. #11's 3-round run on the whole ARC-Easy split, clients on the GPU.
+#      sessions; commit gpu-out/dev-gpu/cache (in $OUT/gpu-session.tgz) there afterwards.
+#   2. #11's 3-round run on the whole ARC-Easy split, clients on the GPU, batch 32 (experiment-gpu.toml's).
 #   3. #11's step profile, eager against model.compile, batch 32.
-# $OUT gets each step's log, results, and nvidia-smi's utilisation and memory every 2 s.
+# $OUT/gpu-session.tgz holds each step's log and results, and nvidia-smi's utilisation and memory every 2 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The lent H200/H100 images: Python 3.12, and these preinstalled at versions pyproject.toml
@@ -25,6 +25,11 @@ cd "$(dirname "$0")/.."
 # this list, the wheelhouse carries flwr's versions.
 HOST_HAS=${HOST_HAS:-"torch transformers peft accelerate numpy scipy pandas pyarrow"}
 DEV_GRID=${DEV_GRID:-"client.lr+distill.lr=1e-3,3e-3,3e-4;client.local_epochs=1"}
+# A session with less time leaves CommonsenseQA (4x ARC-Easy's training split) for a later one:
+# a job cut by the budget is lost, a finished one is cached.
+DEV_DATASETS=${DEV_DATASETS:-"commonsense_qa,openbookqa,arc_easy"}
+DEV_JOBS=${DEV_JOBS:-6}
+RESERVE_S=${RESERVE_S:-200}  # left after the dev search for the 3-round run (~90 s at batch 32, plus loading)
 
 pack() {
   rm -rf .gpu/wh .gpu/data
@@ -43,11 +48,14 @@ stage() {
 }
 
 go() {
-  local budget=${1:?go SECONDS} t0 out=${OUT:-runs/gpu-out}
+  local budget=${1:?go SECONDS} t0 out=runs/gpu-out
   t0=$(date +%s)
   left() { echo $((budget - ($(date +%s) - t0))); }
   upto() { local s=$(( $(left) - $1 )); echo $(( s > 10 ? s : 10 )); }  # a timeout that leaves $1 s
-  mkdir -p "$out"
+  # $OUT returns at most 8 files, none deeper than 2 folders (the caches are deeper): everything
+  # travels as one archive, rewritten after each step so that a call cut short still returns it.
+  ship() { [ -z "${OUT:-}" ] || tar czf "$OUT/gpu-session.tgz" --warning=no-file-changed -C runs gpu-out || true; }  # nvsmi.log grows
+  rm -rf "$out" && mkdir -p "$out"
   [ -x .venv/bin/fedcollm ] || bash scripts/setup.sh --offline /tmp/wh
   export FEDCOLLM_DATA=$PWD/.gpu/data PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 2 > "$out/nvsmi.log" 2>&1 &
@@ -61,21 +69,24 @@ go() {
   #    recomputed (--allow-mixed-versions; dev.md names each version).
   mkdir -p runs/dev-gpu
   [ ! -d results/experiment-gpu/dev/cache ] || cp -rn results/experiment-gpu/dev/cache runs/dev-gpu/ || true
-  timeout "$(upto 150)" .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml --seeds 0 \
-    --jobs 6 --methods fedcollm --datasets commonsense_qa,openbookqa,arc_easy --dev-grid "$DEV_GRID" \
+  timeout "$(upto "$RESERVE_S")" .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml --seeds 0 \
+    --jobs "$DEV_JOBS" --methods fedcollm --datasets "$DEV_DATASETS" --dev-grid "$DEV_GRID" \
     --allow-mixed-versions --out runs/dev-gpu > "$out/dev.log" 2>&1 || echo "dev search stopped: rc $?" >> "$out/dev.log"
   .venv/bin/ray stop --force > /dev/null 2>&1 || true  # actors of jobs that the timeout cut short
   mkdir -p "$out/dev-gpu" && cp -r runs/dev-gpu/cache "$out/dev-gpu/" 2>/dev/null || true
   cp runs/dev-gpu/dev.* "$out/dev-gpu/" 2>/dev/null || true
+  ship
 
   # 2. Three rounds on the whole ARC-Easy split (summary.json says where the clients trained).
   if [ "$(left)" -gt 120 ] && [ ! -e runs/gpu-3round/summary.json ]; then
     timeout "$(upto 30)" .venv/bin/fedcollm run --set data.max_train_examples=0 --set data.eval_examples=0 \
-      --set federation.rounds=3 --set model.device='"cuda"' --set run.progress=false --out runs/gpu-3round \
+      --set federation.rounds=3 --set model.device='"cuda"' --set client.batch_size=32 --set distill.batch_size=32 \
+      --set run.progress=false --out runs/gpu-3round \
       > "$out/3round.log" 2>&1 || echo "3-round run stopped: rc $?" >> "$out/3round.log"
     .venv/bin/ray stop --force > /dev/null 2>&1 || true
   fi
   mkdir -p "$out/gpu-3round" && cp runs/gpu-3round/{summary.json,metrics.jsonl,report.md,config.toml} "$out/gpu-3round/" 2>/dev/null || true
+  ship
 
   # 3. Eager against compiled steps.
   local c
@@ -85,7 +96,8 @@ go() {
       --set "model.compile=$c" --out "$out/step_profile_compile_$c.json" > "$out/step_profile_compile_$c.log" 2>&1 || true
   done
   kill "$smi" 2>/dev/null || true
-  echo "go: $(( $(date +%s) - t0 )) s of $budget"
+  echo "go: $(( $(date +%s) - t0 )) s of $budget" | tee -a "$out/device.txt"
+  ship
 }
 
 case ${1:-} in
