@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -311,3 +312,40 @@ def test_a_job_that_fails_beside_others_runs_again_alone(smoke_cfg, tmp_path, mo
     monkeypatch.setattr(runner.Cache, "compute_job", always_fails)
     with pytest.raises(FedCoLLMError):  # alone too: a real failure, raised
         runner.Cache(tmp_path, compute=True, allow_mixed=False).run(jobs[:1], parallel=2)
+
+
+@pytest.mark.parametrize("method, saved", [("centralized", "centralized.pt"),
+                                           ("standalone", "standalone-client0.pt")])
+def test_a_job_killed_mid_training_continues_to_the_same_adapters(method, saved, smoke_cfg, tmp_path):
+    """A GPU lease can end in the middle of a long job. Killed once its first epoch is saved, the
+    job run again continues from there (adapter, optimizer, RNG) and ends with the adapters of an
+    uninterrupted run, bit for bit; standalone then also writes each finished client's result."""
+    cfg = dataclasses.replace(smoke_cfg, federation=dataclasses.replace(smoke_cfg.federation, rounds=2))
+    config_file, workdir, result_file = tmp_path / "job.toml", tmp_path / "job", tmp_path / "result.json"
+    config_file.write_text(cfg.to_toml())
+    cmd = [sys.executable, "-m", "fedcollm.experiment.job", str(config_file), method, str(workdir), str(result_file)]
+    killed = subprocess.run(cmd, env={**os.environ, "FEDCOLLM_TEST_KILL_AT": "pass:1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not result_file.exists() and [p.name for p in workdir.iterdir()] == [saved]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing after epoch 1 of 2" in again.stdout
+    resumed, whole = json.loads(result_file.read_text()), getattr(methods, method)(cfg, None)
+    if method == "centralized":
+        assert resumed["adapter_sha256"] == whole["adapter_sha256"] and resumed["llm"] == whole["llm"]
+    else:
+        assert resumed["clients"] == whole["clients"]
+        assert sorted(p.name for p in workdir.glob("*.json")) == [
+            f"standalone-client{k}.json" for k in range(cfg.data.num_clients)]
+
+
+def test_standalone_does_not_train_again_the_clients_it_finished(smoke_cfg, tmp_path, monkeypatch):
+    cfg = dataclasses.replace(smoke_cfg, federation=dataclasses.replace(smoke_cfg.federation, rounds=1))
+    first = methods.standalone(cfg, tmp_path)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished client was trained again")
+
+    monkeypatch.setattr(methods, "_sft", no_training)
+    assert methods.standalone(cfg, tmp_path) == first

@@ -2,7 +2,8 @@
 
 FEDCOLLM_TEST_KILL_AT="POINT:ROUND" (POINT = kd | checkpoint) kills the server process at the
 start of that round's KD, or after writing that round's checkpoint file but before renaming
-it into place. Unset (always, outside tests), it does nothing.
+it into place; "pass:EPOCH" kills a training pass (`train.sft` with a resume file) once that
+epoch's state is saved. Unset (always, outside tests), it does nothing.
 """
 
 from __future__ import annotations

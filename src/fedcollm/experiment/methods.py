@@ -62,11 +62,16 @@ def _train_epochs(cfg: Config) -> int:
     return cfg.federation.rounds * cfg.client.local_epochs
 
 
-def _sft(model, examples, cfg: Config, which: str, seed: int, desc: str) -> dict:
+def _sft(model, examples, cfg: Config, which: str, seed: int, desc: str, resume: Path | None) -> dict:
     c = cfg.client
     return sft(model, examples, epochs=_train_epochs(cfg), lr=c.lr, batch_size=c.batch_size,
                pad_id=components.pad_id(cfg, which), seed=seed, device=components.device_of(cfg),
-               weight_decay=c.weight_decay, progress=cfg.run.progress, desc=desc)
+               weight_decay=c.weight_decay, progress=cfg.run.progress, desc=desc, resume=resume)
+
+
+def _in(workdir: Path | None, name: str) -> Path | None:
+    """A file of the job's own folder (where a job cut short continues from), if it has one."""
+    return None if workdir is None else Path(workdir) / name
 
 
 def zero_shot(cfg: Config, workdir: Path) -> Result:
@@ -74,15 +79,24 @@ def zero_shot(cfg: Config, workdir: Path) -> Result:
             "llm": _scores(components.build_llm(cfg), cfg, "llm", "zero-shot LLM")}
 
 
-def standalone(cfg: Config, workdir: Path) -> Result:
-    """Each client alone; the SLM result is the mean over clients, each client listed."""
+def standalone(cfg: Config, workdir: Path | None) -> Result:
+    """Each client alone; the SLM result is the mean over clients, each client listed. A job cut
+    short keeps the clients it finished (one file each) and the last epoch of the one it was in."""
     clients = []
     for k in range(cfg.data.num_clients):
+        done = _in(workdir, f"standalone-client{k}.json")
+        if done is not None and done.is_file():
+            clients.append(json.loads(done.read_text()))
+            continue
         examples = components.client_examples(cfg, k)
         model = components.build_slm(cfg)  # the same initial adapter FedCoLLM starts from
-        stats = _sft(model, examples, cfg, "slm", seed=cfg.run.seed * 1_000_003 + k, desc=f"standalone client {k}")
-        clients.append({"client": k, "examples": len(examples), "steps": stats["steps"],
-                        "adapter_sha256": adapter_digest(model), **_scores(model, cfg, "slm", f"eval client {k}")})
+        stats = _sft(model, examples, cfg, "slm", seed=cfg.run.seed * 1_000_003 + k, desc=f"standalone client {k}",
+                     resume=_in(workdir, f"standalone-client{k}.pt"))
+        client = {"client": k, "examples": len(examples), "steps": stats["steps"],
+                  "adapter_sha256": adapter_digest(model), **_scores(model, cfg, "slm", f"eval client {k}")}
+        if done is not None:
+            checkpoint.replace_atomically(done, lambda fh, c=client: fh.write(json.dumps(c).encode()))
+        clients.append(client)
     mean = {m: sum(c[m] for c in clients) / len(clients) for m in ("acc", "acc_norm")}
     # Per item: the share of clients that got it right (a mean, like the accuracies above).
     for key in ("correct", "correct_norm"):
@@ -99,10 +113,11 @@ def centralized_examples(cfg: Config) -> list:
             *(e for k in range(cfg.data.num_clients) for e in components.client_examples(cfg, k, "llm"))]
 
 
-def centralized(cfg: Config, workdir: Path) -> Result:
+def centralized(cfg: Config, workdir: Path | None) -> Result:
     model = components.build_llm(cfg)
     examples = centralized_examples(cfg)
-    stats = _sft(model, examples, cfg, "llm", seed=cfg.run.seed * 1_000_003 + 999, desc="centralized LLM")
+    stats = _sft(model, examples, cfg, "llm", seed=cfg.run.seed * 1_000_003 + 999, desc="centralized LLM",
+                 resume=_in(workdir, "centralized.pt"))
     return {"slm": None, "llm": _scores(model, cfg, "llm", "eval centralized LLM"), "examples": len(examples),
             "steps": stats["steps"], "adapter_sha256": adapter_digest(model)}
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fedcollm import checkpoint
+from fedcollm.crash import maybe_kill
 from fedcollm.data.encode import Encoded
 from fedcollm.models.logits import answer_logits
 from fedcollm.train.batches import PROGRESS_EVERY, batches, num_batches, optimizer, trainable
@@ -23,23 +27,59 @@ def sft_step(model, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer) 
 
 def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: int, pad_id: int,
         seed: int, device: torch.device, weight_decay: float = 0.0, progress: bool = False,
-        desc: str = "sft") -> dict[str, float]:
-    """Train the model's trainable (adapter) parameters; return the mean loss and step count."""
+        desc: str = "sft", resume: Path | None = None) -> dict[str, float]:
+    """Train the model's trainable (adapter) parameters; return the mean loss and step count.
+
+    resume: a file to continue from after its last complete epoch, rewritten after each epoch
+    but the last: a long pass outside a federated run (centralized, standalone) that is cut short,
+    by a GPU lease's end say, loses one epoch at most. The continued training equals the
+    uninterrupted one: adapter, optimizer, loss sum and RNG state are all kept."""
     model.train()
+    params = trainable(model)
     # A fresh optimizer per call: FedAvg clients start each round from the global adapter.
-    opt = optimizer(trainable(model), lr=lr, weight_decay=weight_decay, device=device)
+    opt = optimizer(params, lr=lr, weight_decay=weight_decay, device=device)
     # The loss is summed on the device and read once at the end: reading it every step would make
     # the host wait for the GPU, and the GPU then waits for the host to queue the next step.
-    total, steps = torch.zeros((), device=device), 0
-    bar = tqdm(total=epochs * num_batches(len(examples), batch_size), desc=desc,
+    total, steps, start = torch.zeros((), device=device), 0, 0
+    key = f"sft seed={seed} epochs={epochs} lr={lr} batch={batch_size} wd={weight_decay} examples={len(examples)}"
+    state = checkpoint.load_pass(resume, key)
+    if state is not None:
+        start, steps = state["epoch"], state["steps"]
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"], strict=True):
+                p.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        total += state["loss_sum"].to(device)
+        _set_rng(state["rng"], device)
+        print(f"[fedcollm] {desc}: continuing after epoch {start} of {epochs} ({resume})", flush=True)
+    bar = tqdm(total=epochs * num_batches(len(examples), batch_size), initial=steps, desc=desc,
                disable=not progress, leave=False)
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         for batch in batches(examples, batch_size, pad_id, seed + epoch, device):
             total += sft_step(model, batch, opt)
             steps += 1
             bar.update(1)
             if progress and steps % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{total.item() / steps:.3f}")
+        if resume is not None and epoch + 1 < epochs:
+            checkpoint.save_pass(resume, key, {"epoch": epoch + 1, "steps": steps, "loss_sum": total,
+                                               "params": list(params), "optimizer": opt.state_dict(),
+                                               "rng": _get_rng(device)})
+            maybe_kill("pass", epoch + 1)  # tests: cut short after this epoch's state is saved
     bar.close()
     model.eval()
     return {"loss": total.item() / max(steps, 1), "steps": steps}
+
+
+def _get_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    """LoRA dropout's RNG state (the CPU's, and the GPU's where it trains)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
