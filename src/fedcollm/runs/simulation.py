@@ -66,6 +66,10 @@ def run_simulation(cfg: Config, observe=None, extra_mods=()) -> dict:
     out = Path(cfg.run.out_dir)
     summary_path = out / "summary.json"
     summary_path.unlink(missing_ok=True)
+    # Ray starts one idle Python worker per logical CPU when the driver connects and waits for
+    # them (16 on a 16-core GPU host, 96 for 6 experiment jobs at once, ~70 MB each), while the
+    # simulation needs one worker per client actor, started on demand anyway.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     backend = {
         "client_resources": resources,
         "init_args": {"num_cpus": max(cpus, cfg.federation.client_cpus), "include_dashboard": False},
