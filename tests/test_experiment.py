@@ -285,6 +285,9 @@ def test_compute_time_sums_each_datasets_results():
     results = {"a": {"zero_shot": {"all": {"seconds": 60.0}}, "fedcollm": {"0": {"seconds": 120.0}, "1": {}}},
                "b": {}}
     assert compute_time(results, ["a", "b"]) == ["- a: 3 min for 2 results"]
+    results["a"]["fedcollm"]["1"] = {"seconds": 60.0, "continued": True}
+    assert compute_time(results, ["a"]) == [
+        "- a: 4 min for 3 results (1 of them continued where a try was cut short: that try's time is not in it)"]
 
 
 def test_a_job_that_fails_beside_others_runs_again_alone(smoke_cfg, tmp_path, monkeypatch, capsys):
@@ -316,22 +319,26 @@ def test_a_job_that_fails_beside_others_runs_again_alone(smoke_cfg, tmp_path, mo
 
 @pytest.mark.parametrize("method, saved", [("centralized", "centralized.pt"),
                                            ("standalone", "standalone-client0.pt")])
-def test_a_job_killed_mid_training_continues_to_the_same_adapters(method, saved, smoke_cfg, tmp_path):
+def test_a_job_killed_mid_training_continues_to_the_same_adapters(method, saved, smoke_cfg, tmp_path, monkeypatch,
+                                                                  capfd):
     """A GPU lease can end in the middle of a long job. Killed once its first epoch is saved, the
     job run again continues from there (adapter, optimizer, RNG) and ends with the adapters of an
-    uninterrupted run, bit for bit; standalone then also writes each finished client's result."""
+    uninterrupted run, bit for bit; its result says it was continued, and standalone also writes
+    each finished client's result."""
+    from fedcollm.errors import FedCoLLMError  # noqa: PLC0415
+    from fedcollm.experiment import runner  # noqa: PLC0415
+
     cfg = dataclasses.replace(smoke_cfg, federation=dataclasses.replace(smoke_cfg.federation, rounds=2))
-    config_file, workdir, result_file = tmp_path / "job.toml", tmp_path / "job", tmp_path / "result.json"
-    config_file.write_text(cfg.to_toml())
-    cmd = [sys.executable, "-m", "fedcollm.experiment.job", str(config_file), method, str(workdir), str(result_file)]
-    killed = subprocess.run(cmd, env={**os.environ, "FEDCOLLM_TEST_KILL_AT": "pass:1"}, capture_output=True,
-                            text=True, timeout=600)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert not result_file.exists() and [p.name for p in workdir.iterdir()] == [saved]
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "continuing after epoch 1 of 2" in again.stdout
-    resumed, whole = json.loads(result_file.read_text()), getattr(methods, method)(cfg, None)
+    cache, job = runner.Cache(tmp_path, compute=True, allow_mixed=False), runner.Job(cfg, method, "0", method, (method,))
+    monkeypatch.setenv("FEDCOLLM_TEST_KILL_AT", "pass:1")
+    with pytest.raises(FedCoLLMError, match=f"exit code {-signal.SIGKILL}"):
+        cache.compute_job(job, in_child=True)
+    (workdir,) = (tmp_path / "runs").glob(f"*/{method}/*/")
+    assert [p.name for p in workdir.iterdir()] == [saved]
+    monkeypatch.delenv("FEDCOLLM_TEST_KILL_AT")
+    resumed = cache.compute_job(job, in_child=True)
+    assert "continuing after epoch 1 of 2" in capfd.readouterr().out and resumed["continued"] is True
+    whole = getattr(methods, method)(cfg, None)
     if method == "centralized":
         assert resumed["adapter_sha256"] == whole["adapter_sha256"] and resumed["llm"] == whole["llm"]
     else:

@@ -142,11 +142,16 @@ class Cache:
         # when the same code computes it (new code once resumed an old code's finished run).
         name = f"seed{job.seed_key}-{job.cfg.digest()}-{self.code}"
         workdir = self.out / "runs" / job.cfg.data.dataset / job.method / name
+        # The state a try cut short left (a round, an epoch, a finished client): this try goes on
+        # from it, and its time does not count the earlier try's.
+        continued = any(workdir.glob("*.pt")) or any(workdir.glob("standalone-client*.json"))
         result = run_in_child(job.cfg, job.method, workdir) if in_child else METHODS[job.method](job.cfg, workdir)
         if result.pop("code_version", self.code) != self.code:
             raise FedCoLLMError("experiment: the code changed while it ran (a child run reports another code "
                                 "version); restart it so that one table holds one code version")
         result["seconds"] = time.time() - t0
+        if continued:
+            result["continued"] = True
         _write_atomic(self._folder(job) / f"seed{job.seed_key}-{job.cfg.digest()}-{self.code}.json",
                       {"dataset": job.cfg.data.dataset, "method": job.method, "seed": job.seed_key,
                        "config_digest": job.cfg.digest(), "code_version": self.code, "git_commit": git_commit(),

@@ -178,12 +178,16 @@ def table2(comm: dict | None) -> str:
 
 def compute_time(results: dict, datasets: list[str]) -> list[str]:
     """Per dataset: the summed wall time of its cached results (each measured when it ran, so a
-    result computed while the machine was busy with something else counts its slower time)."""
+    result computed while the machine was busy with something else counts its slower time; a
+    job continued after an earlier try was cut short counts its last try only, and is said)."""
     lines = []
     for d in datasets:
-        secs = [r["seconds"] for per_seed in results[d].values() for r in per_seed.values() if "seconds" in r]
-        if secs:
-            lines.append(f"- {d}: {sum(secs) / 60:.0f} min for {len(secs)} results")
+        timed = [r for per_seed in results[d].values() for r in per_seed.values() if "seconds" in r]
+        if timed:
+            continued = sum(bool(r.get("continued")) for r in timed)
+            note = f" ({continued} of them continued where a try was cut short: that try's time is not in it)"
+            lines.append(f"- {d}: {sum(r['seconds'] for r in timed) / 60:.0f} min for {len(timed)} results"
+                         + (note if continued else ""))
     return lines
 
 
