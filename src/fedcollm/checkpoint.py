@@ -1,5 +1,6 @@
 """One file per run holding everything needed to continue after the last complete round, and one
-per long training pass outside a run (centralized, standalone: `pass_path`), after its last epoch.
+per long training pass outside a run (centralized, standalone: `save_pass`) to continue after
+its last complete epoch.
 
 Written to a temporary file and renamed over the old one (atomic on POSIX), so a crash at any
 moment leaves either the previous or the new checkpoint, never half of one. Client and KD
