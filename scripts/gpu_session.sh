@@ -67,19 +67,30 @@ stage() {
 }
 
 # The state files of jobs begun but not finished (a job folder STUDY/runs/DATASET/METHOD/NAME
-# without its cache entry STUDY/cache/DATASET/METHOD/NAME.json), the most recently written job
-# first, whole jobs only, up to RESUME_MIB: paths under $1.
+# without its cache entry STUDY/cache/DATASET/METHOD/NAME.json) that hold progress (a run's
+# checkpoint.pt from round 1 on: round 0's is the start, which a rerun makes again), the most
+# recently written job first, whole jobs only, up to RESUME_MIB: paths under $1.
 unfinished() {
-  local d=$1 w size used=0
-  for w in $(cd "$d" && ls -dt ./*/runs/*/*/*/ 2>/dev/null || true); do
-    w=${w#./} && w=${w%/}
-    [ ! -e "$d/${w%%/runs/*}/cache/${w#*/runs/}.json" ] || continue
-    size=$(cd "$d" && find "$w" -maxdepth 1 \( -name '*.pt' -o -name 'standalone-client*.json' \) -printf '%s\n' \
-      | awk '{s += $1} END {print s + 0}')
-    [ "$size" -gt 0 ] && [ $((used + size)) -le $((RESUME_MIB * 1048576)) ] || continue
-    used=$((used + size))
-    (cd "$d" && find "$w" -maxdepth 1 \( -name '*.pt' -o -name 'standalone-client*.json' \))
-  done
+  "${PY:-.venv/bin/python}" - "$1" "$RESUME_MIB" <<'EOF_PY'
+import sys
+from pathlib import Path
+
+root, budget, used = Path(sys.argv[1]), int(sys.argv[2]) << 20, 0
+for job in sorted((p for p in root.glob("*/runs/*/*/*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True):
+    study, _, dataset, method, name = job.relative_to(root).parts
+    if (root / study / "cache" / dataset / method / f"{name}.json").exists():
+        continue
+    files = [f for f in job.iterdir() if f.is_file() and
+             (f.suffix == ".pt" or (f.name.startswith("standalone-client") and f.suffix == ".json"))]
+    if (job / "checkpoint.pt").is_file():
+        import torch
+        if torch.load(job / "checkpoint.pt", weights_only=True)["round"] < 1:
+            files.remove(job / "checkpoint.pt")
+    size = sum(f.stat().st_size for f in files)
+    if files and used + size <= budget:
+        used += size
+        print(*(f.relative_to(root) for f in files), sep="\n")
+EOF_PY
 }
 
 # Unpack unfinished jobs' state (from a staged or carried .gpu/resume) into $1, never over a
