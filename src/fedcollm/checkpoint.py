@@ -38,6 +38,11 @@ def replace_atomically(target: Path, write: Callable, before_rename: Callable = 
     return target
 
 
+def write_json(path: Path, obj) -> Path:
+    """obj as one line of JSON at path, atomically (results and finished parts of a job)."""
+    return replace_atomically(path, lambda fh: fh.write((json.dumps(obj) + "\n").encode()))
+
+
 def save(out: Path, round_: int, digest: str, slm_state: dict, llm_state: dict, rows: list[dict]) -> Path:
     state = {"round": round_, "config_digest": digest, "code_version": code_version(),
              "rows_json": json.dumps(rows),

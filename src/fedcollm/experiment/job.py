@@ -7,11 +7,10 @@ Writes the method's result, with the code version of this process, to RESULT.jso
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
+from fedcollm import checkpoint
 from fedcollm.config import load_config
 from fedcollm.experiment.methods import METHODS
 from fedcollm.version import code_version
@@ -21,9 +20,7 @@ def main(argv: list[str]) -> None:
     config_file, method, workdir, result_file = argv
     result = METHODS[method](load_config(config_file), Path(workdir))
     result.setdefault("code_version", code_version())
-    tmp = Path(result_file).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result) + "\n")
-    os.replace(tmp, result_file)
+    checkpoint.write_json(Path(result_file), result)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def standalone(cfg: Config, workdir: Path | None) -> Result:
         client = {"client": k, "examples": len(examples), "steps": stats["steps"],
                   "adapter_sha256": adapter_digest(model), **_scores(model, cfg, "slm", f"eval client {k}")}
         if done is not None:
-            checkpoint.replace_atomically(done, lambda fh, c=client: fh.write(json.dumps(c).encode()))
+            checkpoint.write_json(done, client)
         clients.append(client)
     mean = {m: sum(c[m] for c in clients) / len(clients) for m in ("acc", "acc_norm")}
     # Per item: the share of clients that got it right (a mean, like the accuracies above).

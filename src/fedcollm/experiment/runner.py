@@ -26,6 +26,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from fedcollm import checkpoint
 from fedcollm.config import Config
 from fedcollm.errors import FedCoLLMError
 from fedcollm.experiment.methods import METHODS, SEED_INDEPENDENT
@@ -36,13 +37,6 @@ from fedcollm.version import code_version
 def cfg_for(base: Config, dataset: str, seed: int) -> Config:
     return dataclasses.replace(base, data=dataclasses.replace(base.data, dataset=dataset),
                                run=dataclasses.replace(base.run, seed=seed))
-
-
-def _write_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj) + "\n")
-    os.replace(tmp, path)
 
 
 def git_commit() -> str:
@@ -152,7 +146,7 @@ class Cache:
         result["seconds"] = time.time() - t0
         if continued:
             result["continued"] = True
-        _write_atomic(self._folder(job) / f"seed{job.seed_key}-{job.cfg.digest()}-{self.code}.json",
+        checkpoint.write_json(self._folder(job) / f"seed{job.seed_key}-{job.cfg.digest()}-{self.code}.json",
                       {"dataset": job.cfg.data.dataset, "method": job.method, "seed": job.seed_key,
                        "config_digest": job.cfg.digest(), "code_version": self.code, "git_commit": git_commit(),
                        "computed_at": time.time(), "result": result})
