@@ -36,7 +36,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # accepts. rich, protobuf and packaging are there too but newer than flwr allows: left out of
 # this list, the wheelhouse carries flwr's versions.
 HOST_HAS=${HOST_HAS:-"torch transformers peft accelerate numpy scipy pandas pyarrow"}
-TABLE_COMMIT=${TABLE_COMMIT:-90317de}  # code version 70d0d4fb920c (session 14: jobs continue where cut short; the dev search ran acfd820c571d)
+TABLE_COMMIT=${TABLE_COMMIT:-2b3b566}  # code version e77219a0b823 (session 14: jobs continue where cut short; the dev search ran acfd820c571d)
 TABLE_DATASETS=${TABLE_DATASETS:-"arc_easy,arc_challenge,openbookqa,commonsense_qa"}
 JOBS=${JOBS:-6}  # 6 jobs held 50 GB together (session 13): they fit an H100 too
 RUNS=${RUNS:-/tmp/fedcollm-gpu}  # job folders: in /tmp, which outlives a call on a warm machine
