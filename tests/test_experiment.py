@@ -270,6 +270,28 @@ def test_mixed_versions_use_the_last_computed_result_whatever_the_files_mtime(sm
     assert doc["results"]["mcq_jsonl"]["standalone"]["0"]["slm"]["acc"] == 0.75
 
 
+def test_a_report_on_a_cpu_names_the_dtype_of_results_computed_on_a_gpu(smoke_cfg, tmp_path, monkeypatch, capsys):
+    """model.dtype "auto" is bf16 on a GPU and fp32 on a CPU, two config digests: reporting here
+    a table computed on a GPU finds none of it, and says how to report it."""
+    from fedcollm.experiment import runner  # noqa: PLC0415
+
+    monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(0.5))
+    assert smoke_cfg.model.dtype == "auto" and not smoke_cfg.on_cuda()
+    on_gpu = dataclasses.replace(smoke_cfg, model=dataclasses.replace(smoke_cfg.model, dtype="bfloat16"))
+    runner.run_experiment(on_gpu, ["mcq_jsonl"], [0], ["standalone"], tmp_path, "cmd")  # as a GPU digests it
+    capsys.readouterr()
+    doc = runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [0], ["standalone"], tmp_path, "cmd", compute=False)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "not computed yet" in line and "add --set model.dtype='\"bfloat16\"'" in line
+    assert doc["results"]["mcq_jsonl"]["standalone"] == {}
+    doc = runner.run_experiment(on_gpu, ["mcq_jsonl"], [0], ["standalone"], tmp_path, "cmd", compute=False)
+    assert doc["results"]["mcq_jsonl"]["standalone"]["0"]["slm"]["acc"] == 0.5
+    # Nothing cached under the GPU's digest either: no hint.
+    other = dataclasses.replace(smoke_cfg, run=dataclasses.replace(smoke_cfg.run, seed=5))
+    runner.run_experiment(other, ["mcq_jsonl"], [1], ["standalone"], tmp_path, "cmd", compute=False)
+    assert "model.dtype" not in capsys.readouterr().out
+
+
 def test_missing_seeds_are_counted_in_the_cell():
     from fedcollm.experiment.tables import _cell
 

@@ -121,7 +121,8 @@ class Cache:
         cached = _cached(self._folder(job), job.seed_key, job.cfg.digest())
         usable = cached if (self.allow_mixed or not self.compute) else [c for c in cached if version_of(c) == self.code]
         if not usable:
-            print(f"{job.tag}: " + ("not computed yet (left out of the tables)" if not self.compute else
+            print(f"{job.tag}: " + (f"not computed yet (left out of the tables){self._on_gpu_hint(job)}"
+                                    if not self.compute else
                                     "to run" + (" (cached results are of other code)" if cached else "")), flush=True)
             return None
         self.versions[version_of(usable[0])] += 1
@@ -185,6 +186,18 @@ class Cache:
         for job in failed:
             results[job.key] = self.compute_job(job, in_child=True)
         return results
+
+    def _on_gpu_hint(self, job: Job) -> str:
+        """Where a job missing here was computed on a GPU: model.dtype "auto" is bf16 there and
+        fp32 here, two configs (Config.digest), so a table computed on a GPU and reported on a
+        CPU finds none of its results unless the report names the GPU's dtype."""
+        if job.cfg.model.dtype != "auto" or job.cfg.on_cuda():
+            return ""
+        as_on_gpu = dataclasses.replace(job.cfg, model=dataclasses.replace(job.cfg.model, dtype="bfloat16"))
+        if not _cached(self._folder(job), job.seed_key, as_on_gpu.digest()):
+            return ""
+        return ("; the cache has it as computed on a GPU, where model.dtype \"auto\" is bf16: "
+                "add --set model.dtype='\"bfloat16\"' to report those results")
 
     def _folder(self, job: Job) -> Path:
         return self.out / "cache" / job.cfg.data.dataset / job.method
