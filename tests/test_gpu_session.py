@@ -102,7 +102,7 @@ sleep 2; mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json";
     assert "runs on" in said and "steps: all done" in said
     calls = (runs / "calls").read_text().splitlines()
     assert len(calls) == 3  # table, aux_size, traffic: each started once, none again by the second call
-    assert "--datasets arc_easy,arc_challenge,openbookqa,commonsense_qa" in calls[0]
+    assert "--datasets arc_easy,openbookqa,commonsense_qa,arc_challenge" in calls[0]
     assert "--aux-fractions" in calls[1] and "--traffic-grid" in calls[2]
     subprocess.run(["tar", "xzf", second / "gpu-session.tgz", "-C", tmp_path], check=True)
     shipped = tmp_path / "gpu-out"
