@@ -149,9 +149,9 @@ ship() {
     cp "$RUNS/$study"/*.{md,json,png} "$out/$study/" 2>/dev/null || true
   done
   [ -n "${OUT:-}" ] || return 0
+  unfinished "$RUNS" > "$out/resume.list" || true
   tar czf "$OUT/gpu-session.tgz" --warning=no-file-changed -C runs gpu-out || true
   rm -f "$OUT"/resume.tar.part-*
-  unfinished "$RUNS" > "$out/resume.list" || true
   [ ! -s "$out/resume.list" ] || { tar -c --ignore-failed-read -C "$RUNS" -T "$out/resume.list" 2>/dev/null \
     | split -b 15M -d -a 2 - "$OUT/resume.tar.part-"; } || true
 }

@@ -93,6 +93,7 @@ sleep 2; mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json";
     for exe in (fake, venv / "ray"):
         exe.chmod(0o755)
     env = {"RUNS": str(runs), "SHIP_S": "0"}
+    cut_short = job(runs, "experiment-gpu", "csqa/fedavg/seed1-f-v", {"checkpoint.pt": 1000})  # an earlier call's
 
     first, second = tmp_path / "out1", tmp_path / "out2"
     first.mkdir(), second.mkdir()
@@ -110,4 +111,6 @@ sleep 2; mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json";
         assert (shipped / path).is_file(), path
     assert "a job is done" in (shipped / "table.log").read_text()  # each line of it timed
     assert all(line[2] == ":" and line[5] == ":" for line in (shipped / "table.log").read_text().splitlines())
-    assert not list(first.glob("resume.tar.part-*"))  # nothing unfinished holds progress
+    # The job an earlier call cut short is still unfinished: its state goes back, and the list of it.
+    assert (shipped / "resume.list").read_text().split() == [str((cut_short / "checkpoint.pt").relative_to(runs))]
+    assert [p.name for p in second.glob("resume.tar.part-*")] == ["resume.tar.part-00"]
