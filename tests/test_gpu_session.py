@@ -78,7 +78,8 @@ def test_unfinished_jobs_state_goes_back_whole_within_the_budget_and_is_restored
 def test_go_starts_the_work_once_and_a_later_call_finds_it_running_on(tmp_path):
     """`go` detaches the work from its call (a call's end kills only its own processes): the
     second call of a session does not start it again, only waits and sends back a new snapshot.
-    The steps here are a stand-in `fedcollm experiment` that takes 2 s and caches one result."""
+    The steps here are a stand-in `fedcollm experiment` that caches one result once the test lets
+    it go on (the file `release`: so that the first call surely ends while the work runs)."""
     venv = tmp_path / ".venv" / "bin"
     venv.mkdir(parents=True)
     (tmp_path / ".gpu" / "table" / "src" / "fedcollm").mkdir(parents=True)
@@ -87,7 +88,8 @@ def test_go_starts_the_work_once_and_a_later_call_finds_it_running_on(tmp_path):
     fake.write_text(f"""#!/bin/bash
 echo "$*" >> {runs}/calls
 out=$(echo "$*" | sed 's/.*--out //')
-sleep 2; mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json"; echo "a job is done"
+for i in $(seq 150); do [ -e {runs}/release ] && break; sleep 0.2; done
+mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json"; echo "a job is done"
 """)
     (venv / "ray").write_text("#!/bin/bash\n")
     for exe in (fake, venv / "ray"):
@@ -98,7 +100,8 @@ sleep 2; mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json";
     first, second = tmp_path / "out1", tmp_path / "out2"
     first.mkdir(), second.mkdir()
     said = bash("go 1", tmp_path, OUT=str(first), **env)
-    assert "go: started the work" in said  # then shipped after 1 s, the table step still running
+    assert "go: started the work" in said and (first / "gpu-session.tgz").is_file()  # the table step still running
+    (runs / "release").touch()
     said = bash("go 20", tmp_path, OUT=str(second), **env)
     assert "runs on" in said and "steps: all done" in said
     calls = (runs / "calls").read_text().splitlines()
