@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -317,7 +318,7 @@ def test_a_job_that_fails_beside_others_runs_again_alone(smoke_cfg, tmp_path, mo
 
     calls = []
 
-    def compute_job(self, job, in_child):  # seed 1 fails the first time, like a job out of GPU memory
+    def compute_job(self, job, in_child, gpu=None):  # seed 1 fails the first time, like a job out of GPU memory
         calls.append(job.seed_key)
         if job.seed_key == "1" and calls.count("1") == 1:
             raise FedCoLLMError("experiment: job failed with exit code 1")
@@ -330,12 +331,58 @@ def test_a_job_that_fails_beside_others_runs_again_alone(smoke_cfg, tmp_path, mo
     assert sorted(calls) == ["0", "1", "1", "2"] and calls[-1] == "1"  # retried after the others
     assert "job 1: failed beside other jobs" in capsys.readouterr().out
 
-    def always_fails(self, job, in_child):
+    def always_fails(self, job, in_child, gpu=None):
         raise FedCoLLMError("experiment: job failed with exit code 1")
 
     monkeypatch.setattr(runner.Cache, "compute_job", always_fails)
     with pytest.raises(FedCoLLMError):  # alone too: a real failure, raised
         runner.Cache(tmp_path, compute=True, allow_mixed=False).run(jobs[:1], parallel=2)
+
+
+def test_concurrent_jobs_spread_over_the_gpus_of_the_host(smoke_cfg, tmp_path, monkeypatch):
+    """On a host with several GPUs, each concurrent job's process is shown one GPU, the least busy
+    one, instead of every job starting on GPU 0. (The jobs here stand in for real ones: they
+    record the GPU they were given and how many jobs shared it meanwhile.)"""
+    import threading  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from fedcollm.experiment import runner  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert runner.visible_gpus(smoke_cfg) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")  # the user's choice of GPUs is kept
+    assert runner.visible_gpus(smoke_cfg) == ["3", "5"]
+    pinned = dataclasses.replace(smoke_cfg, model=dataclasses.replace(smoke_cfg.model, device="cuda:1"))
+    assert runner.visible_gpus(pinned) == []  # a device the user named: every job on it, as asked
+    on_cpu = dataclasses.replace(smoke_cfg, model=dataclasses.replace(smoke_cfg.model, device="cpu"))
+    assert runner.visible_gpus(on_cpu) == []
+
+    given, sharing, lock, busy = [], [], threading.Lock(), {"3": 0, "5": 0}
+
+    def compute_job(self, job, in_child, gpu=None):
+        with lock:
+            busy[gpu] += 1
+            given.append(gpu)
+            sharing.append(busy[gpu])
+        time.sleep(0.05)
+        with lock:
+            busy[gpu] -= 1
+        return {"seed": job.seed_key}
+
+    monkeypatch.setattr(runner.Cache, "compute_job", compute_job)
+    jobs = [runner.Job(smoke_cfg, "standalone", str(s), f"job {s}", (s,)) for s in range(6)]
+    runner.Cache(tmp_path, compute=True, allow_mixed=False).run(jobs, parallel=4)
+    assert sorted(given) == ["3"] * 3 + ["5"] * 3 and max(sharing) == 2  # 4 at a time: 2 a GPU
+
+    env = runner.child_env("5")
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with runner.GpuPool(runner.visible_gpus(smoke_cfg)).one() as gpu:  # one GPU: jobs see what the experiment sees
+        assert gpu is None and "CUDA_VISIBLE_DEVICES" not in runner.child_env(gpu)
 
 
 @pytest.mark.parametrize("method, saved", [("centralized", "centralized.pt"),

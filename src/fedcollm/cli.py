@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--report-only", action="store_true",
                        help="write the tables from the cached results only; compute nothing")
     p_exp.add_argument("--jobs", type=_at_least(1), default=1, metavar="N",
-                       help="run N (method, seed) jobs at once, each in its own process (a large GPU: "
-                            "many small jobs side by side; mind its memory)")
+                       help="run N (method, seed) jobs at once, each in its own process, spread over the "
+                            "host's GPUs (a large GPU: many small jobs side by side; mind its memory)")
     p_exp.add_argument("--aux-fractions", metavar="F,F,...",
                        help="the auxiliary part's share of the training split, e.g. 0.05,0.1,0.2,0.4: "
                             "writes aux_size.md/.png (default method: fedcollm)")

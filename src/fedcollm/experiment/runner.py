@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedcollm import checkpoint
@@ -85,19 +86,63 @@ def sharing_one_gpu(cfg: Config) -> Config:
     return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, client_gpus=1.0))
 
 
-def run_in_child(cfg: Config, method: str, workdir: Path) -> dict:
-    """METHODS[method](cfg, workdir) in a fresh process (`python -m fedcollm.experiment.job`):
-    concurrent jobs must not share a process (models, Ray, the GPU's caching allocator)."""
+def visible_gpus(cfg: Config) -> list[str]:
+    """The GPUs that concurrent jobs of cfg spread over: those CUDA_VISIBLE_DEVICES names, else
+    every one torch sees; none for a CPU run or a device the user named (`cuda:N`)."""
+    if cfg.model.device not in ("auto", "cuda") or not cfg.on_cuda():
+        return []
+    import torch  # noqa: PLC0415
+
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [g.strip() for g in named.split(",") if g.strip()] if named else [str(i) for i in range(torch.cuda.device_count())]
+
+
+class GpuPool:
+    """Concurrent jobs on a host with several GPUs: each job's process is shown one of them
+    (CUDA_VISIBLE_DEVICES), the one that runs the fewest jobs at that moment. Otherwise every job
+    would start on GPU 0, the one "cuda" means in each process, and the others would stay idle.
+    With one GPU (or none) jobs see what the experiment sees."""
+
+    def __init__(self, gpus: list[str]):
+        self.running = dict.fromkeys(gpus if len(gpus) > 1 else [], 0)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def one(self):
+        if not self.running:
+            yield None
+            return
+        with self._lock:
+            gpu = min(self.running, key=self.running.get)  # the first of the least busy
+            self.running[gpu] += 1
+        try:
+            yield gpu
+        finally:
+            with self._lock:
+                self.running[gpu] -= 1
+
+
+def child_env(gpu: str | None) -> dict:
+    """A job process's environment: on the GPU it was given, if any; and, on a GPU that processes
+    come and go on, segments that grow and shrink, which leave less of its memory stranded
+    between them (unless the user chose their own allocator settings)."""
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
+                                                                     "expandable_segments:True")}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def run_in_child(cfg: Config, method: str, workdir: Path, gpu: str | None = None) -> dict:
+    """METHODS[method](cfg, workdir) in a fresh process (`python -m fedcollm.experiment.job`), on
+    GPU `gpu` alone if given: concurrent jobs must not share a process (models, Ray, the GPU's
+    caching allocator)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_file, result_file = workdir.with_suffix(".job.toml"), workdir.with_suffix(".job.json")
     config_file.write_text(sharing_one_gpu(cfg).to_toml())
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "fedcollm.experiment.job", str(config_file), method, str(workdir), str(result_file)]
-    # Processes that come and go on one GPU: segments that grow and shrink leave less of its
-    # memory stranded between them (unless the user chose their own allocator settings).
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
-                                                                     "expandable_segments:True")}
-    code = subprocess.run(cmd, env=env).returncode
+    code = subprocess.run(cmd, env=child_env(gpu)).returncode
     if code != 0 or not result_file.is_file():
         raise FedCoLLMError(f"experiment: `{shlex.join(cmd)}` failed with exit code {code} (its log is above)")
     return json.loads(result_file.read_text())
@@ -129,9 +174,10 @@ class Cache:
         print(f"{job.tag}: cached (code {version_of(usable[0])})", flush=True)
         return usable[0]["result"]
 
-    def compute_job(self, job: Job, in_child: bool) -> dict:
-        """Run the job (here, or in a child process of its own), cache its result, return it."""
-        print(f"{job.tag}: running", flush=True)
+    def compute_job(self, job: Job, in_child: bool, gpu: str | None = None) -> dict:
+        """Run the job (here, or in a child process of its own, on GPU `gpu` if given), cache its
+        result, return it."""
+        print(f"{job.tag}: running" + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
         t0 = time.time()
         # The code version in the name: a run killed earlier resumes from its checkpoint only
         # when the same code computes it (new code once resumed an old code's finished run).
@@ -140,7 +186,7 @@ class Cache:
         # The state a try cut short left (a round, an epoch, a finished client): this try goes on
         # from it, and its time does not count the earlier try's.
         continued = any(workdir.glob("*.pt")) or any(workdir.glob("standalone-client*.json"))
-        result = run_in_child(job.cfg, job.method, workdir) if in_child else METHODS[job.method](job.cfg, workdir)
+        result = run_in_child(job.cfg, job.method, workdir, gpu) if in_child else METHODS[job.method](job.cfg, workdir)
         if result.pop("code_version", self.code) != self.code:
             raise FedCoLLMError("experiment: the code changed while it ran (a child run reports another code "
                                 "version); restart it so that one table holds one code version")
@@ -159,7 +205,8 @@ class Cache:
 
     def run(self, jobs: list[Job], parallel: int) -> dict:
         """Every job's result by its key: cached ones, then the missing ones computed, `parallel`
-        at a time (each in its own process when more than one). A job that fails beside others
+        at a time (each in its own process when more than one, spread over the GPUs when the
+        host has several: GpuPool). A job that fails beside others
         is run once more, alone, after them: concurrent jobs can fail for want of GPU memory
         that one job alone has. A job that fails alone raises; finished ones stay cached."""
         results, missing = {}, []
@@ -173,9 +220,14 @@ class Cache:
             for job in missing:
                 results[job.key] = self.compute_job(job, in_child=False)
             return results
-        failed = []
+        failed, gpus = [], GpuPool(visible_gpus(missing[0].cfg) if missing else [])
+
+        def on_a_gpu(job: Job) -> dict:
+            with gpus.one() as gpu:
+                return self.compute_job(job, True, gpu)
+
         with ThreadPoolExecutor(max_workers=parallel) as pool:
-            futures = {pool.submit(self.compute_job, job, True): job for job in missing}
+            futures = {pool.submit(on_a_gpu, job): job for job in missing}
             for future in as_completed(futures):
                 try:
                     results[futures[future].key] = future.result()
@@ -184,7 +236,7 @@ class Cache:
                           "when they are done", flush=True)
                     failed.append(futures[future])
         for job in failed:
-            results[job.key] = self.compute_job(job, in_child=True)
+            results[job.key] = on_a_gpu(job)
         return results
 
     def _on_gpu_hint(self, job: Job) -> str:
