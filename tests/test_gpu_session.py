@@ -47,7 +47,7 @@ def test_unfinished_jobs_state_goes_back_whole_within_the_budget_and_is_restored
     job(runs, "experiment-gpu", "csqa/standalone/seed1-d-v",
         {"standalone-client0.json": 50, "standalone-client1.pt": mib // 2})
     job(runs, "experiment-gpu", "arc_easy/kd_llm_to_slm/seed2-e-v", {"checkpoint.pt": 1000}, round_=0)
-    listed = bash("unfinished runs", tmp_path, RESUME_MIB="3").split()
+    listed = bash("unfinished runs 3", tmp_path).split()
     # Whole jobs only, up to 3 MiB: the centralized job (3 MiB) does not fit beside the others;
     # the finished job, a run still at round 0 (its start), and files that are not state
     # (metrics, adapters/) stay behind.
@@ -57,17 +57,17 @@ def test_unfinished_jobs_state_goes_back_whole_within_the_budget_and_is_restored
 
     # Sent in parts as `go` sends them, staged by the next session, restored under a new folder
     # that already holds a newer file of its own: that one is kept.
-    parts = tmp_path / ".gpu" / "resume"
+    parts = tmp_path / ".gpu" / "resume-20260101T000000000"
     parts.mkdir(parents=True)
-    bash(f"unfinished runs | tar -c -C runs -T - | split -b 1M -d -a 2 - {parts}/resume.tar.part-", tmp_path,
-         RESUME_MIB="3")
+    bash(f"unfinished runs 3 | tar -c -C runs -T - | split -b 1M -d -a 2 - {parts}/resume-20260101T000000000.tar.part-",
+         tmp_path)
     assert len(list(parts.iterdir())) == 3
     new = tmp_path / "new"
     own = new / "experiment-gpu/runs/csqa/standalone/seed1-d-v/standalone-client0.json"
     own.parent.mkdir(parents=True)
     own.write_text("newer")
     out = bash("restore new", tmp_path, RUNS=str(tmp_path / "device-tmp"))
-    assert "restored 3 job files from .gpu/resume" in out
+    assert "restored 3 job files from .gpu/resume-20260101T000000000" in out
     assert own.read_text() == "newer"
     for path in ("traffic-gpu/runs/openbookqa/fedcollm/seed0-b-v/checkpoint.pt",
                  "experiment-gpu/runs/csqa/standalone/seed1-d-v/standalone-client1.pt"):
@@ -114,6 +114,59 @@ mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json"; echo "a 
         assert (shipped / path).is_file(), path
     assert "a job is done" in (shipped / "table.log").read_text()  # each line of it timed
     assert all(line[2] == ":" and line[5] == ":" for line in (shipped / "table.log").read_text().splitlines())
-    # The job an earlier call cut short is still unfinished: its state goes back, and the list of it.
+    # The job an earlier session cut short is still unfinished: its state went back with the
+    # first call, and the list of it; the second call does not send the same state again.
+    assert (shipped / "resume.list").read_text() == "" and not list(second.glob("resume*"))
+    subprocess.run(["tar", "xzf", first / "gpu-session.tgz", "-C", tmp_path], check=True)
     assert (shipped / "resume.list").read_text().split() == [str((cut_short / "checkpoint.pt").relative_to(runs))]
-    assert [p.name for p in second.glob("resume.tar.part-*")] == ["resume.tar.part-00"]
+    assert [p.name.split(".", 1)[1] for p in first.glob("resume-*")] == ["tar.part-00"]
+
+
+def test_a_sessions_calls_send_back_different_jobs_and_the_newest_state_of_each_is_restored(tmp_path):
+    """One call returns ≤ 64 MiB, less than the state of all the jobs a session leaves unfinished.
+    Each call sends what no earlier call of the session sent (a job's state again only once it
+    has moved on); `collect` keeps each call's parts apart, and the next session restores the
+    latest state of every job sent."""
+    runs, mib = tmp_path / "device-tmp", 1 << 20
+    (runs / "logs").mkdir(parents=True)
+    (runs / "logs" / "device.txt").write_text("restored 1 job files from /tmp/x/staged/resume-20250101T000000000\n")
+    finished = job(runs, "experiment-gpu", "obqa/fedavg/seed0-a-v", {"checkpoint.pt": 100}, finished=True)
+    b = job(runs, "experiment-gpu", "obqa/fedcollm/seed0-b-v", {"checkpoint.pt": 2 * mib})
+    a = job(runs, "experiment-gpu", "obqa/fedcollm/seed1-c-v", {"checkpoint.pt": 2 * mib})  # written last
+    outs = [tmp_path / f"out{k}" for k in range(1, 5)]
+    env = {"RUNS": str(runs), "RESUME_MIB": "3"}
+
+    def ship(out: Path) -> list[str]:
+        out.mkdir()
+        bash("ship", tmp_path, OUT=str(out), **env)
+        subprocess.run(["tar", "xzf", out / "gpu-session.tgz", "-C", tmp_path], check=True)
+        return [line.split("/")[4] for line in (tmp_path / "gpu-out" / "resume.list").read_text().split()]
+
+    assert ship(outs[0]) == ["seed1-c-v"]  # the newest job that fits 3 MiB
+    assert ship(outs[1]) == ["seed0-b-v"]  # not c again: its state has not changed
+    assert ship(outs[2]) == [] and not list(outs[2].glob("resume*"))
+    torch.save({"round": 2, "adapter": torch.ones(10)}, a / "checkpoint.pt")
+    (runs / "logs" / "device.txt").write_text("NVIDIA H200\n")  # (a call whose log names no restore)
+    assert ship(outs[3]) == ["seed1-c-v"]  # c has moved on
+    assert len({p.name.split(".")[0] for out in outs for p in out.glob("resume-*")}) == 3  # a name per call
+
+    # Here: each call's caches and parts kept; an older result here is not replaced, and the
+    # folder the session restored goes.
+    here = tmp_path / "checkout"
+    mine = here / "results/experiment-gpu/cache/obqa/fedavg/seed0-a-v.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    (here / ".gpu/resume-20250101T000000000").mkdir(parents=True)
+    said = bash("collect " + " ".join(map(str, outs)), here, LOGS="logs-s1")
+    assert mine.read_text() == "mine" and "removed" in said and not (here / ".gpu/resume-20250101T000000000").exists()
+    assert (here / "logs-s1" / "call4-device.txt").is_file()
+    kept = sorted(p.name for p in (here / ".gpu").iterdir())
+    assert len(kept) == 3 and all(k.startswith("resume-") for k in kept)
+
+    # The next session, on a fresh machine: c's state of the fourth call, b's of the second.
+    out = bash("restore new", here, RUNS=str(tmp_path / "fresh"))
+    assert "restored 2 job files from" in out and not list((here / ".gpu").iterdir())
+    for folder in (a, b):
+        path = folder.relative_to(runs) / "checkpoint.pt"
+        assert (here / "new" / path).read_bytes() == (runs / path).read_bytes()
+    assert not (here / "new" / finished.relative_to(runs)).exists()
