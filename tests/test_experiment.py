@@ -375,7 +375,7 @@ def test_concurrent_jobs_spread_over_the_gpus_of_the_host(smoke_cfg, tmp_path, m
     monkeypatch.setattr(runner.Cache, "compute_job", compute_job)
     jobs = [runner.Job(smoke_cfg, "standalone", str(s), f"job {s}", (s,)) for s in range(6)]
     runner.Cache(tmp_path, compute=True, allow_mixed=False).run(jobs, parallel=4)
-    assert sorted(given) == ["3"] * 3 + ["5"] * 3 and max(sharing) == 2  # 4 at a time: 2 a GPU
+    assert len(given) == 6 and set(given) == {"3", "5"} and max(sharing) == 2  # 4 at a time: never more than 2 a GPU
 
     env = runner.child_env("5")
     assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
