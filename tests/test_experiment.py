@@ -229,6 +229,8 @@ def test_results_of_other_code_are_recomputed_or_refused(smoke_cfg, tmp_path, mo
     monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(0.5, old_dirs))
     monkeypatch.setattr(runner, "code_version", lambda: "old")
     runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [0, 1], ["standalone"], tmp_path, "cmd")
+    done = [line for line in capsys.readouterr().out.splitlines() if ": done in" in line]  # the log's progress
+    assert [line.rsplit("(", 1)[1] for line in done] == ["1 of 2 jobs to compute done)", "2 of 2 jobs to compute done)"]
     # The code changes; seed 1 is computed by the new code, seed 0 kept from the old.
     monkeypatch.setattr(runner, "code_version", lambda: "new")
     monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(0.75, new_dirs))

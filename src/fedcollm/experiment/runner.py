@@ -156,6 +156,8 @@ class Cache:
     allow_mixed: bool
     code: str = ""  # this process's code version, fixed at start whatever is edited later
     versions: Counter = dataclasses.field(default_factory=Counter)  # code version → results used
+    computed: int = 0  # jobs computed by this run so far, of `to_compute` (the log's progress)
+    to_compute: int = 0
 
     def __post_init__(self):
         self.code = self.code or code_version()
@@ -199,8 +201,10 @@ class Cache:
                        "computed_at": time.time(), "result": result})
         with self._lock:
             self.versions[self.code] += 1
-        print(f"{job.tag}: done in {result['seconds']:.0f} s: SLM {_acc(result['slm'])} LLM {_acc(result['llm'])}",
-              flush=True)
+            self.computed += 1
+            progress = f"{self.computed} of {self.to_compute} jobs to compute done" if self.to_compute else ""
+        print(f"{job.tag}: done in {result['seconds']:.0f} s: SLM {_acc(result['slm'])} LLM {_acc(result['llm'])}"
+              + (f" ({progress})" if progress else ""), flush=True)
         return result
 
     def run(self, jobs: list[Job], parallel: int) -> dict:
@@ -216,6 +220,7 @@ class Cache:
                 results[job.key] = found
             elif self.compute:
                 missing.append(job)
+        self.to_compute += len(missing)
         if parallel <= 1:
             for job in missing:
                 results[job.key] = self.compute_job(job, in_child=False)
