@@ -233,8 +233,9 @@ collect() {
   [ $# -gt 0 ] || { echo "usage: $0 collect CALL_FOLDER... (each call's files, in call order)" >&2; exit 2; }
   for call in "$@"; do
     k=$((k + 1))
-    [ -f "$call/gpu-session.tgz" ] || { echo "collect: $call has no gpu-session.tgz: skipped" >&2; continue; }
-    rm -rf runs/gpu-out && mkdir -p runs && tar xzf "$call/gpu-session.tgz" -C runs
+    rm -rf runs/gpu-out && mkdir -p runs/gpu-out
+    [ -f "$call/gpu-session.tgz" ] && tar xzf "$call/gpu-session.tgz" -C runs \
+      || echo "collect: $call has no gpu-session.tgz (its resume parts, if any, are kept)" >&2
     restored+=" $(grep -h '^restored' runs/gpu-out/device.txt 2> /dev/null | tr '\n' ' ' || true) "
     [ ! -d runs/gpu-out/experiment-gpu/cache ] || { mkdir -p results/experiment-gpu/cache
       cp -rn runs/gpu-out/experiment-gpu/cache/. results/experiment-gpu/cache/; }
