@@ -115,15 +115,15 @@ if ledger:
 EOF_PY
 }
 
-# The resume-STAMP.tar.part-NN files in the folders $@, oldest call first (by STAMP), a call's
-# parts from one folder only.
+# The resume-STAMP.tar.part-NN files in the folders $@ as lines "STAMP<tab>PATH", oldest call
+# first, a call's parts in order and from one folder only.
 resume_parts() {
   local dir part
   for dir in "$@"; do
     for part in "$dir"/resume-*.tar.part-*; do if [ -f "$part" ]; then echo "$part"; fi; done
   done | awk -F/ '{ stamp = $NF; sub(/\.tar\.part-.*/, "", stamp); dir = $0; sub(/\/[^\/]*$/, "", dir)
                  if (!(stamp in from)) from[stamp] = dir; if (from[stamp] == dir) print stamp "\t" $0 }' \
-    | sort | cut -f2
+    | sort
 }
 
 # Unpack unfinished jobs' state (every staged or carried .gpu/resume-STAMP) into $1: a job's
@@ -133,10 +133,10 @@ restore() {
   parts=$(resume_parts "$RUNS"/staged/resume* .gpu/resume*)
   [ -n "$parts" ] || return 0
   tmp=$(mktemp -d) && mkdir -p "$1"
-  for stamp in $(sed 's|.*/||; s|\.tar\.part-.*||' <<< "$parts" | uniq); do
-    grep "/$stamp\.tar\.part-" <<< "$parts" | xargs cat | tar -x -C "$tmp"
+  for stamp in $(cut -f1 <<< "$parts" | uniq); do
+    awk -F'\t' -v stamp="$stamp" '$1 == stamp { print $2 }' <<< "$parts" | xargs cat | tar -x -C "$tmp"
   done
-  echo "restored $(find "$tmp" -type f | wc -l) job files from $(sed 's|/[^/]*$||' <<< "$parts" | uniq | xargs)"
+  echo "restored $(find "$tmp" -type f | wc -l) job files from $(cut -f2 <<< "$parts" | sed 's|/[^/]*$||' | uniq | xargs)"
   tar -c -C "$tmp" . | tar -x --skip-old-files -C "$1"
   rm -rf "$tmp" "$RUNS"/staged/resume* .gpu/resume*
 }
