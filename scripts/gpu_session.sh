@@ -243,7 +243,7 @@ collect() {
       cp -rn runs/gpu-out/traffic-gpu/cache/. results/traffic/gpu/cache/; }
     [ -z "${LOGS:-}" ] || { mkdir -p "$LOGS"; for f in runs/gpu-out/*.log runs/gpu-out/*.txt; do
       [ ! -f "$f" ] || cp "$f" "$LOGS/call$k-$(basename "$f")"; done; }
-    for stamp in $(ls "$call" | sed -n 's/\.tar\.part-[0-9]*$//p' | sort -u); do
+    for stamp in $(resume_parts "$call" | cut -f1 | uniq); do
       mkdir -p ".gpu/$stamp" && cp "$call/$stamp".tar.part-* ".gpu/$stamp/"
     done
   done
