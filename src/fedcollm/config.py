@@ -155,8 +155,8 @@ class FederationConfig:
     # reconstruction_threshold fraction of them (0.75: 3 of 4) can unmask the sum, so one
     # dropout in four is survived.
     # Adapter encoding on the wire: fp32 | fp16 (half the bytes) | int8 (+1 scale per tensor,
-    # a quarter) | int4 (+1 scale per 64 values, 14%) | auto: int4, or fp32 under differential
-    # privacy. Lossy encodings carry each round's change, not the adapter (federated/reference.py);
+    # a quarter) | int4 (+1 scale per 64 values, 14%) | int2 (ternary, 7%) | int1 (sign, 3.5%) |
+    # auto: int4, or fp32 under differential privacy. Lossy encodings carry each round's change, not the adapter (federated/reference.py);
     # so sent, int4 scored the same items as int8 (and int8 as fp32) on ARC-Easy validation in
     # results/traffic/; DP needs fp32. See federated/transport.py. Under SecAgg+
     # the uplink carries SecAgg+'s own integers (as uint32): a client rounds its change to the
@@ -290,7 +290,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "mcq_jsonl"),
     "data.eval_split": ("test", "validation", "train_holdout"),
     "data.partition": ("iid", "dirichlet", "topic"),
-    "federation.transport": ("auto", "fp32", "fp16", "int8", "int4"),
+    "federation.transport": ("auto", "fp32", "fp16", "int8", "int4", "int2", "int1"),
     "privacy.mode": ("off", "central-client-clipping", "central-server-clipping"),
     "distill.level": ("token", "choice"),
 }
