@@ -106,3 +106,39 @@ def test_a_round_waits_at_most_round_timeout_for_missing_clients(smoke_cfg, tmp_
     assert len(chosen) == expected
     if expected == 0:
         assert strategy.stopped == f"2 clients connected, fewer than federation.min_clients = {min_clients}"
+
+
+def test_what_a_lossy_broadcast_rounded_off_travels_with_the_next_change(smoke_cfg, tmp_path):
+    """Error feedback: under int1 the first broadcast R0 is the sign of the server's adapter θ0
+    at each group's mean magnitude, far from θ0. The server keeps θ0 and adds the clients' mean
+    change to it (not to R0), so the next broadcast carries θ0 − R0 too, and the clients' R
+    closes in on the server's adapter; the SLM is scored and saved as R, what the clients hold."""
+    from fedcollm import checkpoint  # noqa: PLC0415
+    from fedcollm.federated import transport  # noqa: PLC0415
+
+    cfg = dataclasses.replace(smoke_cfg, distill=dataclasses.replace(smoke_cfg.distill, epochs=0),
+                              federation=dataclasses.replace(smoke_cfg.federation, transport="int1"))
+    strategy = FedCoLLMStrategy(cfg, Recorder(tmp_path, echo=False))
+    own0 = adapter_to_ndarrays(strategy.slm)
+    r0 = parameters_to_ndarrays(strategy.initialize_parameters(None))
+    gap0 = _distance(own0, r0)
+    assert gap0 > 0.1 * _distance(own0, [0 * a for a in own0])  # 1 bit a value rounds off a lot
+    # Each client moved every value by the same small step: int1 sends such a change exactly.
+    steps = [1e-4, 3e-4]
+    wires = [transport.encode([np.full_like(a, s) for a in r0], "int1") for s in steps]
+    params, _ = strategy.aggregate_fit(1, _results(wires, [1, 1]), [])
+    own1 = adapter_to_ndarrays(strategy.slm)
+    for a, o in zip(own1, own0):
+        np.testing.assert_allclose(a, o + np.mean(steps), rtol=1e-5, atol=1e-7)  # θ0 + the mean change
+    r1 = parameters_to_ndarrays(params)
+    assert _distance(own1, r1) < 0.9 * gap0
+    strategy.evaluate(1, params)  # scores R1, then keeps its own adapter
+    assert _distance(adapter_to_ndarrays(strategy.slm), own1) == 0
+    saved = checkpoint.load(tmp_path)
+    assert _distance([t.numpy() for t in saved["reference"]], r1) == 0
+    strategy.hold_reference()  # as the run's end does, before saving adapters/slm
+    assert _distance(adapter_to_ndarrays(strategy.slm), r1) == 0
+
+
+def _distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(x.astype(np.float64) - y)) for x, y in zip(a, b))))

@@ -27,7 +27,7 @@ def _max_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("mode", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["fp16", "int8", "int4", "int2", "int1"])
 def test_a_client_that_replies_every_round_gets_one_change_and_holds_the_servers_reference(mode):
     server, state = ServerReference(mode), RecordDict()
     thetas = _walk(5)
@@ -40,9 +40,10 @@ def test_a_client_that_replies_every_round_gets_one_change_and_holds_the_servers
         assert all(np.array_equal(g, h) for g, h in zip(got, held)), "bit for bit the server's reference"
         server.confirm(7)
     # Rounding a change, not the adapter: after the first round the reference is far closer to
-    # the adapter than the transport's rounding of the adapter itself.
+    # the adapter than the transport's rounding of the adapter itself. (1 and 2 bits round a
+    # change coarsely too: what they leave out shrinks by a share each round, not at once.)
     whole_rounding = _max_error(transport.decode(transport.encode(thetas[-1], mode), mode), thetas[-1])
-    assert _max_error(held, thetas[-1]) < 0.2 * whole_rounding
+    assert _max_error(held, thetas[-1]) < (0.2 if mode in ("fp16", "int8", "int4") else 0.8) * whole_rounding
 
 
 def test_uplink_sends_the_change_and_the_server_adds_the_reference_back():

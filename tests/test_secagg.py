@@ -123,7 +123,7 @@ def _assert_counted_bytes_are_the_wire_size(seen: dict, out: Path) -> None:
     assert all(s["arrays"] < s["payload"] < s["arrays"] * 1.05 + 4096 for s in sizes)  # adapter + a little framing
 
 
-@pytest.mark.parametrize("transport", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("transport", ["fp16", "int8", "int4", "int1"])
 def test_secure_aggregation_with_every_transport_equals_the_plain_runs_mean(smoke_cfg_module, tmp_path, transport):
     """SecAgg+ once averaged garbage with fp16 (it quantizes in the input's dtype) and refused
     int8: now the clients hand it the transport's values in fp32 (int4's too), and the aggregate

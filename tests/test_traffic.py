@@ -24,7 +24,7 @@ def test_grid_is_every_combination_with_paper_defaults_for_unnamed_axes():
 
 @pytest.mark.parametrize("bad, message", [
     ("modules=qv;rank=4", "expected 'modules=…;r=…;transport=…'"),
-    ("transport=bf16", "transport 'bf16' is not one of fp32, fp16, int8, int4"),
+    ("transport=bf16", "transport 'bf16' is not one of fp32, fp16, int8, int4, int2, int1"),
     ("r=4,eight", "r must be whole numbers"),
     ("r=0", "r must be ≥ 1"),
 ])

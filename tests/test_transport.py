@@ -1,4 +1,5 @@
-"""Adapter transport encodings: exact fp32, fp16, int8 with per-tensor scales, int4 with per-group scales."""
+"""Adapter transport encodings: exact fp32, fp16, int8 with per-tensor scales, int4, int2 and int1 with
+per-group scales."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedcollm.config import load_config
-from fedcollm.federated.transport import INT4_GROUP, decode, encode
+from fedcollm.federated.transport import GROUPS, INT4_GROUP, TERNARY_THRESHOLD, decode, encode
 from fedcollm.runs.simulation import run_simulation
 
 ARRAYS = [np.random.default_rng(0).normal(scale=0.05, size=s).astype(np.float32) for s in [(8, 64), (64, 8), (5,)]]
@@ -47,7 +48,48 @@ def test_int4_error_is_at_most_half_a_step_of_each_group():
     np.testing.assert_array_equal(decode(wire, "int4")[3], arrays[3])  # every value its group's peak: exact
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+def _groups(a: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """A tensor's values and a mask of its real (not padding) values, one row per group."""
+    flat = np.pad(a.ravel(), (0, -a.size % group))
+    return flat.reshape(-1, group), np.pad(np.ones(a.size, bool), (0, -a.size % group)).reshape(-1, group)
+
+
+def test_int1_sends_each_sign_at_its_groups_mean_magnitude():
+    """A bit a value: +s or −s, s = the mean |x| of the value's group (padding left out), the
+    scale with the least squared error for sign codes; a group of one magnitude comes back exact."""
+    group = GROUPS["int1"]
+    arrays = [*ARRAYS, np.full((3, 5), -2e-3, np.float32), np.zeros((0,), np.float32)]
+    wire = encode(arrays, "int1")
+    groups = sum(-(-a.size // group) for a in arrays)
+    assert [w.dtype for w in wire] == [np.uint8, np.float32, np.int64]
+    assert wire[0].size == groups * group // 8 and wire[1].size == groups
+    for got, sent in zip(decode(wire, "int1"), arrays):
+        assert got.shape == sent.shape and got.dtype == np.float32
+        values, real = _groups(sent, group)
+        scale = np.abs(values).sum(axis=1, keepdims=True) / np.maximum(real.sum(axis=1, keepdims=True), 1)
+        want = np.where(values >= 0, scale, -scale)[real]
+        np.testing.assert_allclose(got.ravel(), want, rtol=1e-6)
+    np.testing.assert_array_equal(decode(wire, "int1")[3], arrays[3])
+
+
+def test_int2_rounds_small_values_to_zero_and_the_rest_to_their_groups_scale():
+    """Ternary (Ternary Weight Networks' rule): |x| ≤ 0.7·mean|x| of the group → 0, the others
+    → ±s, s = the mean |x| of those kept."""
+    group = GROUPS["int2"]
+    arrays = [*ARRAYS, np.full((3, 5), 3e-3, np.float32)]
+    wire = encode(arrays, "int2")
+    assert wire[0].size == sum(-(-a.size // group) for a in arrays) * group // 4
+    for got, sent in zip(decode(wire, "int2"), arrays):
+        values, real = _groups(sent, group)
+        mean_abs = np.abs(values).sum(axis=1, keepdims=True) / real.sum(axis=1, keepdims=True)
+        kept = np.abs(values) > TERNARY_THRESHOLD * mean_abs
+        scale = (np.abs(values) * kept).sum(axis=1, keepdims=True) / kept.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(got.ravel(), (np.sign(values) * kept * scale)[real], rtol=1e-6)
+    assert 0.2 < np.mean([(g == 0).mean() for g in decode(wire, "int2")[:3]]) < 0.8  # bell-shaped: some dropped
+    np.testing.assert_array_equal(decode(wire, "int2")[3], arrays[3])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int2", "int1"])
 def test_zero_tensor_survives(mode):
     assert not decode(encode([np.zeros((3, 3), np.float32)], mode), mode)[0].any()
 
@@ -62,6 +104,8 @@ def test_zero_tensor_survives(mode):
     ([np.zeros(31, np.uint8), np.ones(1, np.float32), np.array([1, 64])], "int4", "31 packed bytes do not fit 1 scales"),
     ([np.zeros(32, np.uint8), np.ones(1, np.float32), np.array([1, 65])], "int4", "tensor 0 (shape (65,)) does not fit"),
     ([np.zeros(64, np.uint8), np.ones(2, np.float32), np.array([1, 64])], "int4", "the shapes cover 64 of the 128 values"),
+    ([np.zeros(31, np.uint8), np.ones(1, np.float32), np.array([1, 256])], "int1", "31 packed bytes do not fit 1 scales of 256"),
+    ([np.zeros(32, np.uint8), np.ones(1, np.float32), np.array([1, 129])], "int2", "tensor 0 (shape (129,)) does not fit"),
 ])
 def test_decode_refuses_what_does_not_fit(wire, mode, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -43,12 +43,17 @@ def write_json(path: Path, obj) -> Path:
     return replace_atomically(path, lambda fh: fh.write((json.dumps(obj) + "\n").encode()))
 
 
-def save(out: Path, round_: int, digest: str, slm_state: dict, llm_state: dict, rows: list[dict]) -> Path:
+def save(out: Path, round_: int, digest: str, slm_state: dict, llm_state: dict, rows: list[dict],
+         reference: list | None = None) -> Path:
+    """reference: the SLM adapter the clients hold (federated/reference.py), when it is not the
+    server's own `slm_state` (a lossy transport's rounding)."""
     state = {"round": round_, "config_digest": digest, "code_version": code_version(),
              "rows_json": json.dumps(rows),
              "slm": {k: v.detach().cpu() for k, v in slm_state.items()},
              "llm": {k: v.detach().cpu() for k, v in llm_state.items()},
              "torch_rng": torch.get_rng_state()}
+    if reference is not None:
+        state["reference"] = [torch.as_tensor(a).clone() for a in reference]
     # tests: a crash between writing and renaming
     return replace_atomically(Path(out) / NAME, lambda fh: torch.save(state, fh),
                               before_rename=lambda: maybe_kill("checkpoint", round_))

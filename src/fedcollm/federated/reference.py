@@ -16,8 +16,11 @@ clients hold bit for bit alike:
   range SecAgg+ must cover is a round's change, not the adapter.
 
 So what the rounding loses is a share of one round's change, and what the server's rounding
-lost last round is sent again with the next change (the clients' reference never drifts from
-the server's). fp32 is exact: it sends the adapter itself, whole, as Flower's differential-privacy
+lost last round is sent again with the next change: the server keeps its own adapter θ (the
+strategy's SLM), and its next adapter is θ plus the clients' mean change (`carry`), so the
+next change θ' − R holds θ − R as well (error feedback; without it each broadcast's rounding
+would be lost for good, which 1- and 2-bit transports cannot afford). The clients' reference
+never drifts from the server's R, and R is what the server scores and saves as the SLM. fp32 is exact: it sends the adapter itself, whole, as Flower's differential-privacy
 wrappers and mods (which clip and noise what travels) need.
 """
 
@@ -62,6 +65,15 @@ def uplink(arrays: list[np.ndarray], held: list[np.ndarray], mode: str) -> list[
     if not sends_changes(mode):
         return arrays
     return [np.subtract(a, h, dtype=np.float32) for a, h in zip(arrays, held)]
+
+
+def carry(mean: list[np.ndarray], own: list[np.ndarray], held: list[np.ndarray], mode: str) -> list[np.ndarray]:
+    """The server's next adapter: its own one plus the clients' mean change, i.e. the mean of
+    the clients' adapters (restored against R) plus own − R, what the rounding of the last
+    broadcast left out of R, so that it travels with the next change (error feedback)."""
+    if not sends_changes(mode):
+        return mean
+    return [np.add(m, np.subtract(o, h, dtype=np.float32), dtype=np.float32) for m, o, h in zip(mean, own, held)]
 
 
 def restore(arrays: list[np.ndarray], held: list[np.ndarray], mode: str) -> list[np.ndarray]:

@@ -53,7 +53,7 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
     DefaultWorkflow(fit_workflow=fit_workflow)(secagg.WideningGrid(counting) if secure else counting, legacy)
     strategy.rounds_bar.close()
     strategy.score_last_state()
-
+    strategy.hold_reference()
     strategy.slm.save_pretrained(out / "adapters" / "slm")
     if strategy.llm is not None:
         strategy.llm.save_pretrained(out / "adapters" / "llm")

@@ -111,9 +111,14 @@ class FedCoLLMStrategy(Strategy):
             if self.llm is not None:
                 set_peft_model_state_dict(self.llm, resume["llm"])
             torch.set_rng_state(resume["torch_rng"])  # for any draw that is not seeded per round
-        # The adapter the clients hold, and the changes that bring each one up to date.
-        self.reference = reference.ServerReference(
-            cfg.transport_mode(), adapter_to_ndarrays(self.slm) if resume else None)
+        # The adapter the clients hold, and the changes that bring each one up to date. The SLM
+        # itself is the server's own adapter: under a lossy transport it keeps what the rounding
+        # of the last broadcast left out, to send with the next change (federated/reference.py).
+        held = None
+        if resume:  # a checkpoint from before the server kept both holds the reference as its SLM
+            held = ([t.numpy() for t in resume["reference"]] if "reference" in resume
+                    else adapter_to_ndarrays(self.slm))
+        self.reference = reference.ServerReference(cfg.transport_mode(), held)
         self.round_stats: dict = {}
         self.stopped: str | None = None  # why the run ended early, if it did
         self.failed_round: int | None = None
@@ -142,6 +147,8 @@ class FedCoLLMStrategy(Strategy):
         return reference.restore(arrays, self.reference.held, mode)
 
     def initialize_parameters(self, client_manager):
+        if self.resumed:  # the clients held this reference when the run stopped; the residual waits for the next round
+            return ndarrays_to_parameters(self.reference.held)
         return self._broadcast()
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -222,7 +229,9 @@ class FedCoLLMStrategy(Strategy):
             self.stopped = (f"{len(failures)} client(s) failed; differential privacy averages exactly the "
                             f"{self.privacy.clients_per_round} sampled clients its noise is calibrated for")
             return None, {}
-        load_adapter_ndarrays(self.slm, parameters_to_ndarrays(mean))
+        # θ_server + the mean change (the mean restored against R, plus θ_server − R).
+        load_adapter_ndarrays(self.slm, reference.carry(parameters_to_ndarrays(mean), adapter_to_ndarrays(self.slm),
+                                                        held, self.cfg.transport_mode()))
         if self.privacy:
             stats["epsilon"] = self.privacy.epsilon_after(rnd)
         self.aggregated = True
@@ -263,8 +272,6 @@ class FedCoLLMStrategy(Strategy):
             self.round_stats = {}
             return None
         self.aggregated = False
-        # What the clients hold: the reference, after the (possibly lossy) transport's rounding.
-        load_adapter_ndarrays(self.slm, parameters_to_ndarrays(parameters))
         row = {"round": rnd, **(self._score(rnd) if self._scored(rnd) else {}), **self.round_stats,
                **(self._take_traffic() if server_round else {})}
         if server_round:
@@ -273,10 +280,15 @@ class FedCoLLMStrategy(Strategy):
         self.recorder.add_round(row)
         llm_state = adapter_state(self.llm) if self.llm is not None else {}
         checkpoint.save(self.recorder.out, rnd, self.cfg.digest(), adapter_state(self.slm), llm_state,
-                        self.recorder.rows)
+                        self.recorder.rows, reference=self.reference.held)
         self.rounds_bar.update(1 if server_round else 0)
         components.release_cached_memory()  # the clients train next, on the same GPU
         return 0.0, {}
+
+    def hold_reference(self) -> None:
+        """Make the SLM what the clients hold (the reference), for the run's saved adapter: the
+        one it scored. (The server's own adapter differs by the last broadcast's rounding.)"""
+        load_adapter_ndarrays(self.slm, self.reference.held)
 
     def score_last_state(self) -> None:
         """A run that stopped early between scored rounds: score the state it ends with."""
@@ -296,9 +308,12 @@ class FedCoLLMStrategy(Strategy):
         kw = dict(max_length=self.cfg.data.max_length, batch_size=self.cfg.run.eval_batch_size,
                   device=self.device, progress=self.cfg.run.progress)
         models = {"slm": self.slm, **({"llm": self.llm} if self.llm is not None else {})}
+        own = adapter_to_ndarrays(self.slm)
+        self.hold_reference()  # the clients' SLM is the one scored: the reference, as the transport rounded it
         scores = {name: evaluate(model, components.tokenizer(self.cfg, name), self.data.evals,
                                  requests=self.data.eval_requests[name], desc=f"eval {name.upper()} r{rnd}", **kw)
                   for name, model in models.items()}
+        load_adapter_ndarrays(self.slm, own)
         self.last_items = {"round": rnd, "ids": [r.id for r in self.data.evals],
                            **{m: {k: s[k] for k in ("correct", "correct_norm")} for m, s in scores.items()}}
         row = {m: {k: s[k] for k in ("acc", "acc_norm", "n")} for m, s in scores.items()}
