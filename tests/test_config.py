@@ -47,7 +47,7 @@ def test_toml_file_and_round_trip(tmp_path):
     (["federation.client_gpus=-1"], "config: federation.client_gpus must be 'auto' or a number >= 0, got -1.0"),
     (["data.aux_fraction=1.0"], "config: data.aux_fraction must be in [0, 1), got 1.0"),
     (["federation.min_clients=5"], "config: federation.min_clients = 5 exceeds data.num_clients = 4"),
-    (["federation.transport=\"int2\""], "config: federation.transport = 'int2' is not one of auto, fp32, fp16, int8, int4"),
+    (["federation.transport=\"int3\""], "config: federation.transport = 'int3' is not one of auto, fp32, fp16, int8, int4, int2, int1"),
     (["lora=3"], "config: [lora] must be a table, got 3"),
     (["lora.target_modules=[1]"], "config: lora.target_modules must be a list of strings, got [1]"),
 ])

@@ -20,7 +20,9 @@ lost last round is sent again with the next change: the server keeps its own ada
 strategy's SLM), and its next adapter is θ plus the clients' mean change (`carry`), so the
 next change θ' − R holds θ − R as well (error feedback; without it each broadcast's rounding
 would be lost for good, which 1- and 2-bit transports cannot afford). The clients' reference
-never drifts from the server's R, and R is what the server scores and saves as the SLM. fp32 is exact: it sends the adapter itself, whole, as Flower's differential-privacy
+never drifts from the server's R, and R is what the server scores and saves as the SLM.
+A client's own rounding is not fed back: that residual would live only on the client, and a
+client starts each round afresh from R (a restarted one could not rebuild it). fp32 is exact: it sends the adapter itself, whole, as Flower's differential-privacy
 wrappers and mods (which clip and noise what travels) need.
 """
 
