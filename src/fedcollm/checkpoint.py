@@ -5,8 +5,9 @@ its last complete epoch.
 Written to a temporary file and renamed over the old one (atomic on POSIX), so a crash at any
 moment leaves either the previous or the new checkpoint, never half of one. Client and KD
 optimizers start fresh every round (as FedAvg clients do), and every random draw on the server
-and the clients is seeded from (seed, round, client), so adapters (the server's and, under a lossy
-transport, the reference the clients hold) + round + metrics are the whole state; torch's RNG state is kept as well for code that draws without a seed.
+and the clients is seeded from (seed, round, client), so adapters (the server's and, under a
+lossy transport, the reference the clients hold) + round + metrics are the whole state; torch's
+RNG state is kept as well for code that draws without a seed.
 """
 
 from __future__ import annotations

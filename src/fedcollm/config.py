@@ -157,11 +157,11 @@ class FederationConfig:
     # Adapter encoding on the wire: fp32 | fp16 (half the bytes) | int8 (+1 scale per tensor,
     # a quarter) | int4 (+1 scale per 64 values, 14%) | int2 (ternary, 7%) | int1 (sign, 3.5%) |
     # auto: int4, or fp32 under differential privacy. Lossy encodings carry each round's
-    # change, not the adapter (federated/reference.py); so sent, int4 scored the same items as int8 (and int8 as fp32) on ARC-Easy validation in
-    # results/traffic/; DP needs fp32. See federated/transport.py. Under SecAgg+
-    # the uplink carries SecAgg+'s own integers (as uint32): a client rounds its change to the
-    # transport's precision, then hands it to SecAgg+ in fp32 (so the aggregate equals the
-    # plain run's, within SecAgg+'s bound).
+    # change, not the adapter (federated/reference.py); so sent, int4 scored the same items as
+    # int8 (and int8 as fp32) on ARC-Easy validation in results/traffic/; DP needs fp32. See
+    # federated/transport.py. Under SecAgg+ the uplink carries SecAgg+'s own integers (as
+    # uint32): a client rounds its change to the transport's precision, then hands it to
+    # SecAgg+ in fp32 (so the aggregate equals the plain run's, within SecAgg+'s bound).
     transport: str = "auto"
     secagg_clipping_range: float = 1.0
     secagg_quantization_range: int = 4194304

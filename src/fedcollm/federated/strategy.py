@@ -147,7 +147,7 @@ class FedCoLLMStrategy(Strategy):
         return reference.restore(arrays, self.reference.held, mode)
 
     def initialize_parameters(self, client_manager):
-        if self.resumed:  # the clients held this reference when the run stopped; the residual waits for the next round
+        if self.resumed:  # the clients held this R when the run stopped; θ − R goes with the next change
             return ndarrays_to_parameters(self.reference.held)
         return self._broadcast()
 
@@ -309,7 +309,7 @@ class FedCoLLMStrategy(Strategy):
                   device=self.device, progress=self.cfg.run.progress)
         models = {"slm": self.slm, **({"llm": self.llm} if self.llm is not None else {})}
         own = adapter_to_ndarrays(self.slm)
-        self.hold_reference()  # the clients' SLM is the one scored: the reference, as the transport rounded it
+        self.hold_reference()  # the clients' SLM is the one scored: R, as the transport rounded it
         scores = {name: evaluate(model, components.tokenizer(self.cfg, name), self.data.evals,
                                  requests=self.data.eval_requests[name], desc=f"eval {name.upper()} r{rnd}", **kw)
                   for name, model in models.items()}

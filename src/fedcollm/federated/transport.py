@@ -10,11 +10,12 @@ fp32's bytes. Its scales are per group, not per tensor, because 15 levels over a
 would spend them on its few largest values. int2 (ternary: −1, 0, +1 times a group's scale)
 and int1 (the sign times the group's mean |x|) send 2 and 1 bits a value in larger groups,
 0.28 and 0.14 bytes a value (7% and 3.5% of fp32's bytes), for runs whose traffic matters more
-than each round's precision (results/traffic/ measures what they cost). A lossy transport encodes changes against the
-adapter both sides hold, not the adapter itself (federated/reference.py). Under SecAgg+ a
-client rounds its change to the transport's precision and hands SecAgg+ those values in fp32
-(int8's and int4's per-client scales cannot be summed): the uplink then carries SecAgg+'s own
-masked integers, and only the downlink the transport's encoding.
+than each round's precision (results/traffic/ measures what they cost). A lossy transport
+encodes changes against the adapter both sides hold, not the adapter itself
+(federated/reference.py). Under SecAgg+ a client rounds its change to the transport's
+precision and hands SecAgg+ those values in fp32 (int8's and the group-wise modes' per-client
+scales cannot be summed): the uplink then carries SecAgg+'s own masked integers, and only the
+downlink the transport's encoding.
 
 `federation.transport = "auto"` (the default; `Config.transport_mode` resolves it) is int4,
 or fp32 under differential privacy. Sending changes, int4 got the same validation items right
