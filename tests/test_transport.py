@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedcollm.config import load_config
-from fedcollm.federated.transport import GROUPS, INT4_GROUP, TERNARY_THRESHOLD, decode, encode
+from fedcollm.federated.transport import BITS, GROUPS, INT4_GROUP, TERNARY_THRESHOLD, decode, encode
 from fedcollm.runs.simulation import run_simulation
 
 ARRAYS = [np.random.default_rng(0).normal(scale=0.05, size=s).astype(np.float32) for s in [(8, 64), (64, 8), (5,)]]
@@ -37,15 +37,21 @@ def test_int4_error_is_at_most_half_a_step_of_each_group():
     so a small tensor next to a large one keeps its precision."""
     arrays = [*ARRAYS, np.full((3, 5), 1e-4, np.float32), np.zeros((0,), np.float32)]
     wire = encode(arrays, "int4")
-    groups = sum(-(-a.size // INT4_GROUP) for a in arrays)
-    assert [w.dtype for w in wire] == [np.uint8, np.float32, np.int64]
-    assert wire[0].size == groups * INT4_GROUP // 2 and wire[1].size == groups
+    _assert_layout(wire, arrays, "int4")
     for a, b in zip(decode(wire, "int4"), arrays):
         assert a.shape == b.shape and a.dtype == np.float32
         flat, got = np.pad(b.ravel(), (0, -b.size % INT4_GROUP)), np.pad(a.ravel(), (0, -a.size % INT4_GROUP))
         step = np.abs(flat).reshape(-1, INT4_GROUP).max(axis=1, initial=0) / 7
         assert np.all(np.abs(got - flat).reshape(-1, INT4_GROUP).max(axis=1, initial=0) <= step / 2 + 1e-9)
     np.testing.assert_array_equal(decode(wire, "int4")[3], arrays[3])  # every value its group's peak: exact
+
+
+def _assert_layout(wire: list[np.ndarray], arrays: list[np.ndarray], mode: str) -> None:
+    """[packed codes, a scale per group, shapes]: each tensor padded to whole groups."""
+    group = GROUPS[mode]
+    groups = sum(-(-a.size // group) for a in arrays)
+    assert [w.dtype for w in wire] == [np.uint8, np.float32, np.int64]
+    assert wire[0].size == groups * group * BITS[mode] // 8 and wire[1].size == groups
 
 
 def _groups(a: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,9 +66,7 @@ def test_int1_sends_each_sign_at_its_groups_mean_magnitude():
     group = GROUPS["int1"]
     arrays = [*ARRAYS, np.full((3, 5), -2e-3, np.float32), np.zeros((0,), np.float32)]
     wire = encode(arrays, "int1")
-    groups = sum(-(-a.size // group) for a in arrays)
-    assert [w.dtype for w in wire] == [np.uint8, np.float32, np.int64]
-    assert wire[0].size == groups * group // 8 and wire[1].size == groups
+    _assert_layout(wire, arrays, "int1")
     for got, sent in zip(decode(wire, "int1"), arrays):
         assert got.shape == sent.shape and got.dtype == np.float32
         values, real = _groups(sent, group)
@@ -78,7 +82,7 @@ def test_int2_rounds_small_values_to_zero_and_the_rest_to_their_groups_scale():
     group = GROUPS["int2"]
     arrays = [*ARRAYS, np.full((3, 5), 3e-3, np.float32)]
     wire = encode(arrays, "int2")
-    assert wire[0].size == sum(-(-a.size // group) for a in arrays) * group // 4
+    _assert_layout(wire, arrays, "int2")
     for got, sent in zip(decode(wire, "int2"), arrays):
         values, real = _groups(sent, group)
         mean_abs = np.abs(values).sum(axis=1, keepdims=True) / real.sum(axis=1, keepdims=True)
