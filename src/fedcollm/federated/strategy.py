@@ -249,7 +249,7 @@ class FedCoLLMStrategy(Strategy):
                     if not all(torch.isfinite(t).all() for t in adapter_state(model).values())]
         if diverged:  # NaN adapters would score as if they were models: end the run on the last good state
             load_adapter_ndarrays(self.llm, llm_before)
-            load_adapter_ndarrays(self.slm, self.reference.held)
+            self.hold_reference()
             self.aggregated = False
             self.stopped = (f"the server's mutual KD diverged: the {' and '.join(diverged)} adapter holds NaN or Inf "
                             f"(KD losses {', '.join(f'{k} {v:.4g}' for k, v in kd.items() if k != 'steps')}); "

@@ -76,21 +76,21 @@ def decode(arrays: list[np.ndarray], mode: str) -> list[np.ndarray]:
     return out
 
 
-def _quantize(values: np.ndarray, real: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (0 .. 2^bits − 1) and one scale per group (row) of `values`; `real` marks the
-    values that are not padding, so that padding never shrinks a group's scale.
+def _quantize(values: np.ndarray, count: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (0 .. 2^bits − 1) and one scale per group (row) of `values`; `count` (a column)
+    holds each group's number of values that are not padding (zeros), so that padding never
+    shrinks a group's mean.
 
     int4: 15 uniform levels, −7..7 times max|x|/7, round to nearest.
     int2: ternary, −1, 0, +1 times the mean |x| of the values above the threshold
           0.7·mean|x| (Ternary Weight Networks' rule, near MSE-optimal for bell-shaped values).
     int1: the sign times mean|x|, the scale that minimises the squared error of sign codes."""
-    absolute = np.abs(values) * real
+    absolute = np.abs(values)
     if mode == "int4":
         peak = absolute.max(axis=1, keepdims=True)
         scales = np.where(peak > 0, peak / 7.0, 1.0).astype(np.float32)
         return (np.clip(np.rint(values / scales), -7, 7) + 8).astype(np.uint8), scales
-    count = np.maximum(real.sum(axis=1, keepdims=True), 1)
-    mean_abs = absolute.sum(axis=1, keepdims=True) / count
+    mean_abs = absolute.sum(axis=1, keepdims=True) / np.maximum(count, 1)
     if mode == "int1":
         return (values >= 0).astype(np.uint8), mean_abs.astype(np.float32)
     kept = absolute > TERNARY_THRESHOLD * mean_abs
@@ -109,11 +109,12 @@ def _encode_groups(arrays: list[np.ndarray], mode: str) -> list[np.ndarray]:
     Each tensor is padded to whole groups, so no group mixes two tensors' magnitudes (a LoRA A's
     values are far larger than its B's)."""
     group, bits = GROUPS[mode], BITS[mode]
-    pad = [(np.asarray(a, np.float32).ravel(), -a.size % group) for a in arrays]
-    values = np.concatenate([np.pad(flat, (0, n)) for flat, n in pad]) if arrays else np.zeros(0, np.float32)
-    real = np.concatenate([np.pad(np.ones(flat.size, np.float32), (0, n)) for flat, n in pad]) if arrays \
-        else np.zeros(0, np.float32)
-    codes, scales = _quantize(values.reshape(-1, group), real.reshape(-1, group), mode)
+    flats = [np.asarray(a, np.float32).ravel() for a in arrays]
+    values = np.concatenate([np.pad(f, (0, -f.size % group)) for f in flats]) if arrays else np.zeros(0, np.float32)
+    # values per group: `group`, but fewer in a tensor's last group
+    count = np.concatenate([np.minimum(group, f.size - group * np.arange(-(-f.size // group))) for f in flats]) \
+        if arrays else np.zeros(0)
+    codes, scales = _quantize(values.reshape(-1, group), count.astype(np.float32).reshape(-1, 1), mode)
     per_byte = codes.reshape(-1, 8 // bits)  # a group holds whole bytes: 8 divides each GROUPS
     packed = np.zeros(per_byte.shape[0], np.uint8)
     for j in range(per_byte.shape[1]):  # the first code in the lowest bits
