@@ -20,10 +20,13 @@ def test_grid_is_every_combination_with_paper_defaults_for_unnamed_axes():
     union = parse_grid("modules=all,qv;transport=fp32,int8 | modules=qv;r=4,8")  # a sparse sweep, in order
     assert union == [Point("all", 8, "fp32"), Point("all", 8, "int8"), Point("qv", 8, "fp32"), Point("qv", 8, "int8"),
                      Point("qv", 4, "fp32")]
+    assert parse_grid("transport=int2;a=train,frozen") == [Point("all", 8, "int2"), Point("all", 8, "int2", True)]
+    assert Point("all", 8, "int2", True).label == "all r8 int2 A-frozen"
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("modules=qv;rank=4", "expected 'modules=…;r=…;transport=…'"),
+    ("modules=qv;rank=4", "expected 'modules=…;r=…;transport=…;a=…'"),
+    ("a=fixed", "a 'fixed' is not one of train, frozen"),
     ("transport=bf16", "transport 'bf16' is not one of fp32, fp16, int8, int4, int2, int1"),
     ("r=4,eight", "r must be whole numbers"),
     ("r=0", "r must be ≥ 1"),
@@ -33,10 +36,11 @@ def test_bad_grids_are_refused_with_the_offending_part(bad, message):
         parse_grid(bad)
 
 
-def test_a_point_applies_modules_rank_alpha_and_transport(smoke_cfg):
+def test_a_point_applies_modules_rank_alpha_transport_and_a(smoke_cfg):
     cfg = Point("qkvo", 16, "int8").apply(smoke_cfg)
     assert cfg.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.federation.transport) == (16, 32, "int8")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.federation.transport, cfg.lora.freeze_a) == (16, 32, "int8", False)
+    assert Point("qkvo", 16, "int8", True).apply(smoke_cfg).lora.freeze_a
 
 
 def _result(slm: float, llm: float, up: int) -> dict:
@@ -83,20 +87,22 @@ def test_choice_goes_by_each_datasets_headline_metric():
 
 
 def test_sweep_runs_each_point_and_measures_its_bytes(tmp_path, mcq_files):
-    """Two points through the real CLI (smoke models, 1 round): fewer modules and int8 send fewer
-    bytes, each point's bytes are what its own run counted on the wire, and the outputs exist."""
+    """Five points through the real CLI (smoke models, 1 round): fewer modules, int8 and a frozen A
+    (B alone travels, the clients' draws of A in their own processes matching the server's) send
+    fewer bytes, each point's bytes are what its own run counted on the wire, and the outputs exist."""
     train, evals = mcq_files
     out = tmp_path / "traffic"
     cmd = [sys.executable, "-m", "fedcollm.cli", "experiment", "--preset", "smoke", "--out", str(out), "--seeds", "0",
            "--set", 'data.dataset="mcq_jsonl"', "--set", f'data.train_file="{train}"',
            "--set", f'data.eval_file="{evals}"', "--set", "federation.rounds=1", "--set", "run.progress=false",
-           "--traffic-grid", "modules=qv,all;r=2;transport=fp32,int8"]
+           "--traffic-grid", "modules=qv,all;r=2;transport=fp32,int8 | modules=all;r=2;a=frozen"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "traffic.json").read_text())
     per_point = doc["results"]["mcq_jsonl"]
     up = {label: r["0"]["comm"]["bytes_up_per_client_round"] for label, r in per_point.items()}
     assert up["qv r2 int8"] < up["qv r2 fp32"] < up["all r2 fp32"] and up["all r2 int8"] < up["all r2 fp32"]
+    assert 0.4 < up["all r2 fp32 A-frozen"] / up["all r2 fp32"] < 0.6  # B is about half the adapter
     for label, r in per_point.items():  # the run's own wire count, not a formula of this module
         rows = [json.loads(line) for line in open(f"{r['0']['run_dir']}/metrics.jsonl")]
         assert rows[-1]["bytes_up_per_client"] == r["0"]["comm"]["bytes_up_per_client_round"], label

@@ -229,10 +229,10 @@ def slm_base(cfg: Config) -> torch.nn.Module:
                         m.slm_keep_first, m.slm_keep_last).to(device_of(cfg))
 
 
-def _with_adapter(base, cfg: Config):
+def _with_adapter(base, cfg: Config, freeze_a: bool = False):
     torch.manual_seed(cfg.run.seed)  # the same initial adapter in every process
     lo = cfg.lora
-    model = attach_lora(base, lo.r, lo.alpha, lo.dropout, lo.target_modules)
+    model = attach_lora(base, lo.r, lo.alpha, lo.dropout, lo.target_modules, freeze_a, seed=cfg.run.seed)
     if cfg.model.compile:
         # Each decoder layer, not the whole decoder ("regional compilation", PyTorch's recipe):
         # the layers share one compiled graph, so the compile costs one layer's time, and the
@@ -246,10 +246,11 @@ def _with_adapter(base, cfg: Config):
 
 
 def build_slm(cfg: Config):
-    return _with_adapter(slm_base(cfg), cfg)
+    return _with_adapter(slm_base(cfg), cfg, freeze_a=cfg.lora.freeze_a)
 
 
 def build_llm(cfg: Config):
+    # The LLM's adapter never travels: a frozen A would only take capacity from it.
     return _with_adapter(llm_base(cfg), cfg)
 
 

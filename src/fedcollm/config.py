@@ -63,6 +63,11 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ALL_PROJECTIONS
+    # The SLM's A matrices frozen at a draw from run.seed, B alone trained and sent (FFA-LoRA,
+    # Sun et al., ICLR 2024): half the traffic, and FedAvg of the adapters is then the exact
+    # mean of the clients' updates B·A (averaging A and B separately is not). Off by default:
+    # it halves the adapter's trainable capacity (results/traffic/README.md, session 18).
+    freeze_a: bool = False
 
 
 @dataclass(frozen=True)
@@ -283,7 +288,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-DIGEST_NEW_FIELDS: dict[tuple[str, str], Any] = {("model", "compile"): False}
+DIGEST_NEW_FIELDS: dict[tuple[str, str], Any] = {("model", "compile"): False, ("lora", "freeze_a"): False}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),

@@ -26,6 +26,7 @@ from fedcollm.federated import transport
 
 MODULE_SETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"), "all": ALL_PROJECTIONS}
 TRANSPORTS = transport.MODES
+A_CHOICES = {"train": False, "frozen": True}  # the `a` axis: lora.freeze_a
 TOLERANCE = 0.01  # "within 1 point of the best", as the issue states it
 TARGETS = {"paper": 0.003, "goal": 0.0006}  # share of the fp32 SLM per direction
 
@@ -35,46 +36,53 @@ class Point:
     modules: str  # a MODULE_SETS name, or module names joined by '+'
     r: int
     transport: str
+    freeze_a: bool = False  # lora.freeze_a: B alone trains and travels
 
     @property
     def label(self) -> str:
-        return f"{self.modules} r{self.r} {self.transport}"
+        return f"{self.modules} r{self.r} {self.transport}" + (" A-frozen" if self.freeze_a else "")
 
     def target_modules(self) -> tuple[str, ...]:
         return MODULE_SETS.get(self.modules) or tuple(self.modules.split("+"))
 
     def apply(self, cfg: Config) -> Config:
         new = dataclasses.replace(
-            cfg, lora=dataclasses.replace(cfg.lora, target_modules=self.target_modules(), r=self.r, alpha=2 * self.r),
+            cfg, lora=dataclasses.replace(cfg.lora, target_modules=self.target_modules(), r=self.r, alpha=2 * self.r,
+                                          freeze_a=self.freeze_a),
             federation=dataclasses.replace(cfg.federation, transport=self.transport))
         validate(new)  # e.g. privacy needs fp32 transport
         return new
 
 
 def parse_grid(text: str) -> list[Point]:
-    """'modules=qv,all;r=4,8;transport=fp32,int8' → every combination (unnamed axes: all 7
-    projections, r = 8, fp32); 'GRID | GRID' → the union, in order (a sparse sweep)."""
+    """'modules=qv,all;r=4,8;transport=fp32,int8;a=train,frozen' → every combination (unnamed
+    axes: all 7 projections, r = 8, fp32, A trained); 'GRID | GRID' → the union, in order (a
+    sparse sweep)."""
     points = [p for part in text.split("|") for p in _product(part)]
     return list(dict.fromkeys(points))
 
 
 def _product(text: str) -> list[Point]:
-    axes = {"modules": ["all"], "r": ["8"], "transport": ["fp32"]}
+    axes = {"modules": ["all"], "r": ["8"], "transport": ["fp32"], "a": ["train"]}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         key, _, values = part.partition("=")
         if key.strip() not in axes or not values.strip():
-            raise FedCoLLMError(f"--traffic-grid {text!r}: expected 'modules=…;r=…;transport=…', got {part!r}")
+            raise FedCoLLMError(f"--traffic-grid {text!r}: expected 'modules=…;r=…;transport=…;a=…', got {part!r}")
         axes[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
     bad = [t for t in axes["transport"] if t not in TRANSPORTS]
     if bad:
         raise FedCoLLMError(f"--traffic-grid: transport {bad[0]!r} is not one of {', '.join(TRANSPORTS)}")
+    bad = [a for a in axes["a"] if a not in A_CHOICES]
+    if bad:
+        raise FedCoLLMError(f"--traffic-grid: a {bad[0]!r} is not one of {', '.join(A_CHOICES)}")
     try:
         ranks = [int(r) for r in axes["r"]]
     except ValueError:
         raise FedCoLLMError(f"--traffic-grid: r must be whole numbers, got {','.join(axes['r'])}") from None
     if any(r < 1 for r in ranks):
         raise FedCoLLMError(f"--traffic-grid: r must be ≥ 1, got {min(ranks)}")
-    return [Point(m, r, t) for m in axes["modules"] for r in ranks for t in axes["transport"]]
+    return [Point(m, r, t, A_CHOICES[a]) for m in axes["modules"] for r in ranks for t in axes["transport"]
+            for a in axes["a"]]
 
 
 def run_traffic(base: Config, datasets: list[str], seeds: list[int], points: list[Point], out: Path, command: str,
@@ -141,12 +149,13 @@ def table(doc: dict, points: list[Point]) -> str:
                   f"| SLM {metric} | LLM {metric} | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in points:
             per_seed = per_point[p.label]
+            sent = p.transport + (", A frozen" if p.freeze_a else "")
             if not per_seed:
-                lines.append(f"| {p.modules} | {p.r} | {p.transport} | – | – | – | – | – | – | 0 |")
+                lines.append(f"| {p.modules} | {p.r} | {sent} | – | – | – | – | – | – | 0 |")
                 continue
             b = _bytes(per_seed)
             slm, llm = (fmt_mean_std(seed_values(per_seed, m, metric)) for m in ("slm", "llm"))
-            lines.append(f"| {p.modules} | {p.r} | {p.transport} | {b['bytes_up_per_client_round']:,.0f} | "
+            lines.append(f"| {p.modules} | {p.r} | {sent} | {b['bytes_up_per_client_round']:,.0f} | "
                          f"{b['bytes_down_per_client_round']:,.0f} | {100 * b['up_ratio_to_fp32_slm']:.3f}% | "
                          f"{100 * b['down_ratio_to_fp32_slm']:.3f}% | {slm} | {llm} | {len(per_seed)} |")
         lines.append("")

@@ -18,7 +18,7 @@ from fedcollm.errors import FedCoLLMError
 from fedcollm.federated import privacy, reference, transport
 from fedcollm.federated.app_config import config_from_run_config
 from fedcollm.federated.secagg import check_in_range, narrow_masked_vectors
-from fedcollm.models.lora import adapter_to_ndarrays, load_adapter_ndarrays
+from fedcollm.models.lora import adapter_to_ndarrays, frozen_a_digest, load_adapter_ndarrays
 from fedcollm.train.sft import sft
 
 
@@ -53,6 +53,11 @@ class SLMClient(NumPyClient):
         if cap and weight > cap:  # the server would reject (or SecAgg+ overflow) this weight
             raise FedCoLLMError(f"client {self.partition_id}: {weight} training examples exceed the "
                                 f"server's federation.max_client_examples = {cap}")
+        mine, servers = frozen_a_digest(model), str(config.get("frozen_a", ""))
+        if mine != servers:  # B trained against another A would average into nonsense
+            raise FedCoLLMError(
+                f"client {self.partition_id}: its frozen LoRA A (digest {mine or 'none: A trains'}) is not the "
+                f"server's ({servers or 'none: A trains'}); lora.freeze_a, run.seed and the torch version must match")
         mode = cfg.transport_mode()
         held = reference.receive(parameters, config, self.state, mode, f"client {self.partition_id}")
         load_adapter_ndarrays(model, held)

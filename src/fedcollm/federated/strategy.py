@@ -41,7 +41,7 @@ from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import evaluate
 from fedcollm.federated import privacy, reference, transport
 from fedcollm.federated.validate import update_problem
-from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, load_adapter_ndarrays
+from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, frozen_a_digest, load_adapter_ndarrays
 from fedcollm.report import Recorder
 from fedcollm.train.distill import mutual_distill
 
@@ -99,11 +99,14 @@ class FedCoLLMStrategy(Strategy):
             fraction_fit=f.fraction_fit, fraction_evaluate=0.0, min_fit_clients=f.min_clients,
             min_available_clients=f.min_clients, min_evaluate_clients=0,
             on_fit_config_fn=lambda rnd: {"round": rnd + self.offset, "max_examples": self.max_examples,
-                                          "uniform_weights": self.privacy is not None})
+                                          "uniform_weights": self.privacy is not None,
+                                          # only when there is one: a run with A trained sends what it did
+                                          **({"frozen_a": self.frozen_a} if self.frozen_a else {})})
         self.aggregator = privacy.wrap(self.averager, self.privacy)
         # No KD (the FedAvg baseline): the server holds no LLM at all.
         self.llm = components.build_llm(cfg) if cfg.distill.enabled else None
         self.slm = components.build_slm(cfg)
+        self.frozen_a = frozen_a_digest(self.slm)  # lora.freeze_a: clients check theirs against it
         if resume:
             from peft import set_peft_model_state_dict  # noqa: PLC0415
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -14,8 +16,10 @@ from safetensors import safe_open
 from fedcollm.errors import FedCoLLMError
 
 
-def attach_lora(model, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...]):
-    """Wrap `model` with a fresh LoRA adapter; only the adapter's tensors are trainable."""
+def attach_lora(model, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...],
+                freeze_a: bool = False, seed: int = 0):
+    """Wrap `model` with a fresh LoRA adapter; only the adapter's tensors are trainable, and with
+    `freeze_a` only its B matrices (each A then drawn from `seed`, see `_draw_frozen_a`)."""
     linear_names = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
                            if isinstance(mod, torch.nn.Linear)})
     missing = [t for t in target_modules if t not in linear_names]
@@ -25,12 +29,50 @@ def attach_lora(model, r: int, alpha: int, dropout: float, target_modules: tuple
             f"its linear modules are: {', '.join(linear_names)}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=list(target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if freeze_a:
+        _draw_frozen_a(model, seed)
+    return model
+
+
+def _frozen_a(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if ".lora_A." in n and not p.requires_grad]
+
+
+def _draw_frozen_a(model, seed: int) -> None:
+    """Freeze every A at a draw from `seed`: PEFT's own distribution (kaiming-uniform with
+    a = √5, i.e. U(±1/√fan_in)), drawn on the CPU in the model's parameter order, so that every
+    party (server, clients, any device) holds the same A without it ever being sent."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            bound = 1.0 / math.sqrt(p.shape[1])
+            draw = (torch.rand(p.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound
+            with torch.no_grad():
+                p.copy_(draw.to(p.device, p.dtype))
+            p.requires_grad_(False)
+
+
+def frozen_a_digest(model) -> str:
+    """sha256 of the frozen A matrices ("" when A trains): the server sends its own so that a
+    client whose draw differs (another torch version, another seed) refuses instead of training
+    B against an A the server does not have."""
+    frozen = _frozen_a(model)
+    if not frozen:
+        return ""
+    h = hashlib.sha256()
+    for name, p in frozen:
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, in the model's (deterministic) order."""
-    return get_peft_model_state_dict(model)
+    """The adapter's trainable tensors, in the model's (deterministic) order: what trains,
+    travels and is checkpointed. A frozen A is not among them: every party draws the same one."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return get_peft_model_state_dict(model, state_dict={k: v for k, v in model.state_dict().items()
+                                                        if k not in frozen})
 
 
 def adapter_to_ndarrays(model) -> list[np.ndarray]:
