@@ -66,7 +66,7 @@ class LoraSettings:
     # The SLM's A matrices frozen at a draw from run.seed, B alone trained and sent (FFA-LoRA,
     # Sun et al., ICLR 2024): half the traffic, and FedAvg of the adapters is then the exact
     # mean of the clients' updates B·A (averaging A and B separately is not). Off by default:
-    # it halves the adapter's trainable capacity (results/traffic/README.md, session 18).
+    # on ARC-Easy it cost the SLM ~5 points at equal transport (results/traffic/, session 18).
     freeze_a: bool = False
 
 
