@@ -21,9 +21,8 @@ from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, frozen_a_di
 from fedcollm.report import Recorder
 
 
-def _frozen(cfg, **federation):
-    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, freeze_a=True),
-                               federation=dataclasses.replace(cfg.federation, **federation))
+def _frozen(cfg):
+    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, freeze_a=True))
 
 
 def _a_matrices(model) -> dict[str, torch.Tensor]:
