@@ -73,7 +73,7 @@ class SLMClient(NumPyClient):
               f"loss {stats['loss']:.3f} on {components.device_of(cfg)}", flush=True)
         metrics = {"loss": float(stats["loss"]), "steps": int(stats["steps"]), "partition": self.partition_id,
                    "device": str(components.device_of(cfg)), "examples": len(examples)}
-        wire = reference.client_message(arrays, held, self.state, mode)
+        wire = transport.encode(reference.uplink(arrays, held, mode), mode)
         if cfg.federation.secure_aggregation:
             # SecAgg+ quantizes in the input's dtype (fp16 overflows) and sums across clients
             # (int8's and int4's per-client scales cannot be summed): hand it the values the

@@ -21,12 +21,8 @@ strategy's SLM), and its next adapter is θ plus the clients' mean change (`carr
 next change θ' − R holds θ − R as well (error feedback; without it each broadcast's rounding
 would be lost for good, which 1- and 2-bit transports cannot afford). The clients' reference
 never drifts from the server's R, and R is what the server scores and saves as the SLM.
-A client feeds its own rounding back the same way (`client_message`): what its last message's
-rounding left out (the residual e_k, kept in its context.state) is added to its next change,
-encode(θ_k − R + e_k), as in error-feedback SGD (Karimireddy et al. 2019). So over rounds the
-server receives the sum of a client's changes but for its last residual, instead of losing a
-share of every change for good. A client that restarts has no residual and sends its change
-alone, as on its first round: nothing is wrong, one residual is lost. fp32 is exact:
+A client's own rounding is not fed back: that residual would live only on the client, and a
+client starts each round afresh from R (a restarted one could not rebuild it). fp32 is exact:
 it sends the adapter itself, whole, as Flower's differential-privacy wrappers and mods (which
 clip and noise what travels) need.
 """
@@ -46,8 +42,6 @@ from fedcollm.federated.validate import shape_problem
 FROM, STEPS, TO, CHECK = "reference_from", "reference_steps", "reference_version", "reference_crc32"
 # The client's context.state records that hold its reference between rounds.
 STATE_ARRAYS, STATE_META = "fedcollm.reference", "fedcollm.reference.meta"
-# ... and the rounding its last message left out (client-side error feedback).
-STATE_RESIDUAL = "fedcollm.residual"
 
 
 def sends_changes(mode: str) -> bool:
@@ -74,22 +68,6 @@ def uplink(arrays: list[np.ndarray], held: list[np.ndarray], mode: str) -> list[
     if not sends_changes(mode):
         return arrays
     return [np.subtract(a, h, dtype=np.float32) for a, h in zip(arrays, held)]
-
-
-def client_message(arrays: list[np.ndarray], held: list[np.ndarray], state, mode: str) -> list[np.ndarray]:
-    """A client's wire arrays: its change plus its residual, encoded; the new residual (what
-    this encoding left out) goes into `state` for its next message. fp32: the adapter, exact."""
-    if not sends_changes(mode):
-        return transport.encode(arrays, mode)
-    change = uplink(arrays, held, mode)
-    if STATE_RESIDUAL in state:
-        residual = state[STATE_RESIDUAL].to_numpy_ndarrays()
-        if shape_problem(residual, change) is None:  # another adapter's residual is dropped
-            change = _add(change, residual)
-    wire = transport.encode(change, mode)
-    left_out = [np.subtract(c, d, dtype=np.float32) for c, d in zip(change, transport.decode(wire, mode))]
-    state[STATE_RESIDUAL] = ArrayRecord(numpy_ndarrays=left_out)
-    return wire
 
 
 def carry(mean: list[np.ndarray], own: list[np.ndarray], held: list[np.ndarray], mode: str) -> list[np.ndarray]:
