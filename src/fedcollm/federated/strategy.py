@@ -152,13 +152,7 @@ class FedCoLLMStrategy(Strategy):
     def initialize_parameters(self, client_manager):
         if self.resumed:  # the clients held this R when the run stopped; θ − R goes with the next change
             return ndarrays_to_parameters(self.reference.held)
-        params = self._broadcast()
-        # The first adapter is a random draw (B = 0: with any A it is the base model), nothing
-        # learned: the server adopts the draw as its first broadcast rounded it, the one the
-        # clients hold. Keeping its own draw would make the error feedback spend the next changes'
-        # bits on sending the difference of two equally good draws (at 1 bit, half of A's length).
-        self.hold_reference()
-        return params
+        return self._broadcast()
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         return []  # the server scores the global models itself (evaluate)
