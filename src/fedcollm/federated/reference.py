@@ -22,7 +22,9 @@ next change θ' − R holds θ − R as well (error feedback; without it each br
 would be lost for good, which 1- and 2-bit transports cannot afford). The clients' reference
 never drifts from the server's R, and R is what the server scores and saves as the SLM.
 A client's own rounding is not fed back: that residual would live only on the client, and a
-client starts each round afresh from R (a restarted one could not rebuild it). fp32 is exact:
+client starts each round afresh from R (a restarted one could not rebuild it, so a resumed run
+would differ from the uninterrupted one); fed back, it gave int1 nothing measurable
+(results/traffic/, session 19). fp32 is exact:
 it sends the adapter itself, whole, as Flower's differential-privacy wrappers and mods (which
 clip and noise what travels) need.
 """
