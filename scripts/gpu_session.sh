@@ -72,7 +72,8 @@ pack() {
   mkdir -p .gpu/data .gpu/table && cp -r "$data"/. .gpu/data/
   git archive "$TABLE_COMMIT" src | tar -x -C .gpu/table
   take_resume
-  ls -d .gpu/wh/bundle-* .gpu/resume-* 2> /dev/null | sed 's/^/stage: /'
+  local folder
+  for folder in .gpu/wh/bundle-* .gpu/resume-*; do if [ -d "$folder" ]; then echo "stage: $folder"; fi; done
   echo "then: go SECONDS, carrying .gpu/data ($(du -sh .gpu/data | cut -f1)) and .gpu/table" \
     "(code version $(PYTHONPATH=.gpu/table/src python3 -c 'import fedcollm.version as v; print(v.code_version())'))"
 }
