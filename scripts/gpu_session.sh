@@ -98,7 +98,9 @@ stage() {
 
 # The state files of jobs begun but not finished (a job folder STUDY/runs/DATASET/METHOD/NAME
 # without its cache entry STUDY/cache/DATASET/METHOD/NAME.json) that hold progress (a run's
-# checkpoint.pt from round 1 on: round 0's is the start, which a rerun makes again), whole jobs
+# checkpoint.pt from round 1 on: round 0's is the start, which a rerun makes again; and not
+# after its last round: the table's pinned code, resumed there, writes a result without the
+# per-item scores that the paired tests need, so such a job runs again whole), whole jobs
 # only, up to $2 MiB: paths under $1. The ledger $3 lists each job's state that an earlier call
 # of the session sent (job, then its files' names, sizes and times): that state is not sent
 # again; jobs no call sent come first, then those sent with older state, the most recently
@@ -118,8 +120,12 @@ for job in sorted((p for p in root.glob("*/runs/*/*/*") if p.is_dir()), key=lamb
     files = sorted(f for f in job.iterdir() if f.is_file() and
                    (f.suffix == ".pt" or (f.name.startswith("standalone-client") and f.suffix == ".json")))
     if (job / "checkpoint.pt").is_file():
+        import tomllib
         import torch
-        if torch.load(job / "checkpoint.pt", weights_only=True)["round"] < 1:
+        done = torch.load(job / "checkpoint.pt", weights_only=True)["round"]
+        config = job / "config.toml"
+        rounds = tomllib.loads(config.read_text())["federation"]["rounds"] if config.is_file() else float("inf")
+        if not 1 <= done < rounds:
             files.remove(job / "checkpoint.pt")
     key, state = str(job.relative_to(root)), " ".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     if files and sent.get(key) != state:

@@ -169,6 +169,15 @@ def test_claims_carry_a_paired_bootstrap_verdict():
     assert rows["SLM: FedCoLLM − FedAvg (clients only)"].endswith("| not significant (the interval covers 0) |")
     assert rows["LLM: FedCoLLM − centralized"].endswith("| does not hold: significantly worse |")
     assert rows["LLM: FedCoLLM / centralized (paper: 97–99%)"].endswith("| does not hold: < 97% at 95% |")
+    assert "(2 seeds) |" in rows["SLM: FedCoLLM − FedAvg (clients only)"]
+
+    # A third seed whose FedAvg result kept its accuracy but not its items: pooled over 2, said.
+    for method in ("fedcollm", "standalone", "centralized"):
+        results["d"][method]["2"] = results["d"][method]["0"]
+    results["d"]["fedavg"]["2"] = {"slm": {"acc": 0.5}, "llm": None}
+    rows = {line.split(" | ")[2]: line for line in claims(results, ["d"]) if line.startswith("| d |")}
+    assert "(2 seeds; 1 more without per-item scores) |" in rows["SLM: FedCoLLM − FedAvg (clients only)"]
+    assert "(3 seeds) |" in rows["SLM: FedCoLLM − Standalone (mean of clients)"]
 
 
 def test_claims_go_by_each_datasets_headline_metric():

@@ -118,6 +118,33 @@ def test_sigkill_in_kd_or_while_writing_the_checkpoint_then_resume(mcq_files, tm
     _assert_bitwise_equal(_adapters(out), uninterrupted)
 
 
+def test_sigkill_after_the_last_round_then_resume_keeps_which_items_were_right(mcq_files, tmp_path, uninterrupted):
+    """Cut short after its last round's checkpoint but before its outputs (a device lease's end,
+    say), the run resumes with no round left. Its summary must still say which items each model
+    got right (the paired tests need them): session 15's table got one such result without."""
+    out = tmp_path / "run"
+    env = dict(os.environ, FEDCOLLM_TEST_KILL_AT="outputs:3")
+    proc = subprocess.Popen(_run_cmd(out, mcq_files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    try:
+        proc.wait(timeout=600)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists()
+    resumed = subprocess.run(_run_cmd(out, mcq_files, "--resume", str(out)), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after round 3" in resumed.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    items = json.loads((out / "summary.json").read_text())["items"]
+    assert items["round"] == 3
+    for model in ("slm", "llm"):
+        correct = items[model]["correct"]
+        assert len(correct) == rows[-1][model]["n"] and np.mean(correct) == pytest.approx(rows[-1][model]["acc"])
+    _assert_bitwise_equal(_adapters(out), uninterrupted)
+
+
 def test_resume_refuses_a_changed_config_unless_forced(mcq_files, tmp_path, uninterrupted):
     out = tmp_path / "run"
     subprocess.run(_run_cmd(out, mcq_files, "--set", "federation.rounds=1"), capture_output=True, timeout=600)

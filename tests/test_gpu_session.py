@@ -47,9 +47,12 @@ def test_unfinished_jobs_state_goes_back_whole_within_the_budget_and_is_restored
     job(runs, "experiment-gpu", "csqa/standalone/seed1-d-v",
         {"standalone-client0.json": 50, "standalone-client1.pt": mib // 2})
     job(runs, "experiment-gpu", "arc_easy/kd_llm_to_slm/seed2-e-v", {"checkpoint.pt": 1000}, round_=0)
+    last = job(runs, "experiment-gpu", "arc_easy/lambda0/seed2-g-v", {"checkpoint.pt": 1000}, round_=3)
+    (last / "config.toml").write_text("[federation]\nrounds = 3\n")
     listed = bash("unfinished runs 3", tmp_path).split()
     # Whole jobs only, up to 3 MiB: the centralized job (3 MiB) does not fit beside the others;
-    # the finished job, a run still at round 0 (its start), and files that are not state
+    # the finished job, a run still at round 0 (its start), one past its last round (resumed, the
+    # pinned code would cache it without per-item scores), and files that are not state
     # (metrics, adapters/) stay behind.
     assert sorted(listed) == ["experiment-gpu/runs/csqa/standalone/seed1-d-v/standalone-client0.json",
                               "experiment-gpu/runs/csqa/standalone/seed1-d-v/standalone-client1.pt",

@@ -88,7 +88,10 @@ def _claim_row(results: dict, d: str, a: str, b: str, model: str, what: str, sta
     per_seed = "; ".join(f"s{s}: {_ci(paired_bootstrap([x], [y], statistic), statistic)}"
                          for s, x, y in zip(seeds, xa, xb))
     pooled = paired_bootstrap(xa, xb, statistic)
-    return (f"| {d} | {headline_metric(d)} | {what} | {per_seed} | {_ci(pooled, statistic)} ({len(seeds)} seeds) "
+    # A result continued after its last round by older code kept its accuracy but not its items
+    # (session 15): the test then pools fewer seeds than the table's means, and says so.
+    short = f"; {len(pairs) - len(seeds)} more without per-item scores" if len(pairs) > len(seeds) else ""
+    return (f"| {d} | {headline_metric(d)} | {what} | {per_seed} | {_ci(pooled, statistic)} ({len(seeds)} seeds{short}) "
             f"| {verdict(pooled)} |")
 
 

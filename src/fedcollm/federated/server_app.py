@@ -18,6 +18,7 @@ from flwr.server.workflow import DefaultWorkflow
 
 from fedcollm import checkpoint
 from fedcollm.config import Config, check_files
+from fedcollm.crash import maybe_kill
 from fedcollm.errors import FedCoLLMError
 from fedcollm.federated import secagg
 from fedcollm.federated.app_config import config_from_run_config
@@ -52,6 +53,8 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
     # (counted as they travelled); plain rounds see the counting grid itself.
     DefaultWorkflow(fit_workflow=fit_workflow)(secagg.WideningGrid(counting) if secure else counting, legacy)
     strategy.rounds_bar.close()
+    # tests: cut short after the last round's checkpoint, before the outputs
+    maybe_kill("outputs", recorder.rows[-1]["round"] if recorder.rows else 0)
     strategy.score_last_state()
     strategy.hold_reference()
     strategy.slm.save_pretrained(out / "adapters" / "slm")

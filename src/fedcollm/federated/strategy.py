@@ -294,9 +294,12 @@ class FedCoLLMStrategy(Strategy):
         load_adapter_ndarrays(self.slm, self.reference.held)
 
     def score_last_state(self) -> None:
-        """A run that stopped early between scored rounds: score the state it ends with."""
+        """Score the state the run ends with where this process has not: a run that stopped early
+        between scored rounds, or one resumed after its last round (cut short while writing its
+        outputs): its row holds the scores but not which items each model got right, which the
+        paired tests need. Scoring the same adapters again gives the same scores."""
         rows = self.recorder.rows
-        if rows and "slm" not in rows[-1]:
+        if rows and ("slm" not in rows[-1] or not self.last_items):
             self.recorder.replace_last({**rows[-1], **self._score(rows[-1]["round"])})
 
     def _scored(self, rnd: int) -> bool:
