@@ -278,12 +278,15 @@ collect() {
 # The unfinished jobs' state for the next session, as one folder $RESUME_DIR/resume-STAMP (parts of
 # 15 MiB): every .gpu/resume-* (the set this session staged, then each call's parts, oldest first,
 # so a job's later state replaces its earlier), less the jobs whose result is in results/ now;
-# whole jobs, the most recently written first, up to $RESUME_KEEP_MIB. The .gpu/resume-* go.
+# whole jobs, the most recently written first, up to $RESUME_KEEP_MIB. The .gpu/resume-* go once
+# the new set is written (restore reads copies: a failure on the way loses nothing).
 keep_resume() {
-  local tmp stamp
+  local tmp stamp set
   tmp=$(mktemp -d)
   take_resume  # a set that no pack moved out: the oldest state of all
-  RUNS=$tmp/device restore "$tmp/jobs" > /dev/null
+  mkdir -p "$tmp/device/staged"
+  for set in .gpu/resume-*; do if [ -d "$set" ]; then cp -r "$set" "$tmp/device/staged/"; fi; done
+  (cd "$tmp" && RUNS=$tmp/device restore "$tmp/jobs" > /dev/null)
   if [ -d "$tmp/jobs" ]; then
     mkdir -p "$tmp/jobs/experiment-gpu" "$tmp/jobs/traffic-gpu"
     ln -s "$PWD/results/experiment-gpu/cache" "$tmp/jobs/experiment-gpu/cache"  # finished: its result is here
@@ -300,7 +303,7 @@ keep_resume() {
     sed 's|/[^/]*$||' "$tmp/kept" | sort -u | comm -13 - "$tmp/all" \
       | sed "s/^/collect: over RESUME_KEEP_MIB = $RESUME_KEEP_MIB, starts afresh: /"
   fi
-  rm -rf "$tmp"
+  rm -rf "$tmp" .gpu/resume-*
 }
 
 # Ends the detached work (a dry run on a machine that is not given back at the session's end).

@@ -57,6 +57,26 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def _killed_at(out: Path, mcq_files, point: str) -> None:
+    """Run until the server process kills itself at `point` (crash.py: "kd:2", "outputs:3", ...)."""
+    env = dict(os.environ, FEDCOLLM_TEST_KILL_AT=point)
+    proc = subprocess.Popen(_run_cmd(out, mcq_files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    try:
+        proc.wait(timeout=600)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _resumed(out: Path, mcq_files) -> str:
+    """`--resume` the run in `out` to its end; what it printed."""
+    resumed = subprocess.run(_run_cmd(out, mcq_files, "--resume", str(out)), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return resumed.stdout
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(mcq_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
@@ -80,10 +100,7 @@ def test_sigkill_mid_round_then_resume_gives_identical_adapters(mcq_files, tmp_p
     finally:
         _kill_group(proc)
     assert not (out / "summary.json").exists()
-    resumed = subprocess.run(_run_cmd(out, mcq_files, "--resume", str(out)), capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout
+    assert "resuming" in _resumed(out, mcq_files)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     # The resumed server knows no client's reference: round 2 sends it whole (fp32), round 3
@@ -98,21 +115,11 @@ def test_sigkill_mid_round_then_resume_gives_identical_adapters(mcq_files, tmp_p
 @pytest.mark.parametrize(("point", "rnd"), [("kd", 2), ("checkpoint", 2), ("kd", 1)])
 def test_sigkill_in_kd_or_while_writing_the_checkpoint_then_resume(mcq_files, tmp_path, uninterrupted, point, rnd):
     out = tmp_path / "run"
-    env = dict(os.environ, FEDCOLLM_TEST_KILL_AT=f"{point}:{rnd}")
-    proc = subprocess.Popen(_run_cmd(out, mcq_files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
-    try:
-        proc.wait(timeout=600)
-    finally:
-        _kill_group(proc)
-    assert proc.returncode == -signal.SIGKILL
+    _killed_at(out, mcq_files, f"{point}:{rnd}")
     if point == "checkpoint":
         assert list(out.glob(".checkpoint.pt.tmp-*")), "expected the half-done checkpoint file"
-    resumed = subprocess.run(_run_cmd(out, mcq_files, "--resume", str(out)), capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     # the checkpoint of the round killed never replaced the one before it
-    assert f"after round {rnd - 1}" in resumed.stdout
+    assert f"after round {rnd - 1}" in _resumed(out, mcq_files)
     rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2, 3]
     _assert_bitwise_equal(_adapters(out), uninterrupted)
@@ -123,18 +130,9 @@ def test_sigkill_after_the_last_round_then_resume_keeps_which_items_were_right(m
     say), the run resumes with no round left. Its summary must still say which items each model
     got right (the paired tests need them): session 15's table got one such result without."""
     out = tmp_path / "run"
-    env = dict(os.environ, FEDCOLLM_TEST_KILL_AT="outputs:3")
-    proc = subprocess.Popen(_run_cmd(out, mcq_files), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
-    try:
-        proc.wait(timeout=600)
-    finally:
-        _kill_group(proc)
-    assert proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists()
-    resumed = subprocess.run(_run_cmd(out, mcq_files, "--resume", str(out)), capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "after round 3" in resumed.stdout
+    _killed_at(out, mcq_files, "outputs:3")
+    assert not (out / "summary.json").exists()
+    assert "after round 3" in _resumed(out, mcq_files)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     items = json.loads((out / "summary.json").read_text())["items"]
