@@ -291,17 +291,17 @@ keep_resume() {
     mkdir -p "$tmp/jobs/experiment-gpu" "$tmp/jobs/traffic-gpu"
     ln -s "$PWD/results/experiment-gpu/cache" "$tmp/jobs/experiment-gpu/cache"  # finished: its result is here
     ln -s "$PWD/results/traffic/gpu/cache" "$tmp/jobs/traffic-gpu/cache"
-    unfinished "$tmp/jobs" "$RESUME_KEEP_MIB" > "$tmp/kept"
-    unfinished "$tmp/jobs" 1048576 | sed 's|/[^/]*$||' | sort -u > "$tmp/all"
+    unfinished "$tmp/jobs" "$RESUME_KEEP_MIB" > "$tmp/kept"  # files
+    sed 's|/[^/]*$||' "$tmp/kept" | sort -u > "$tmp/kept-jobs"
+    unfinished "$tmp/jobs" 1048576 | sed 's|/[^/]*$||' | sort -u > "$tmp/all-jobs"
     if [ -s "$tmp/kept" ]; then
       stamp=resume-$(date +%Y%m%dT%H%M%S%3N)
       mkdir -p "$RESUME_DIR/$stamp"
       tar -c -C "$tmp/jobs" -T "$tmp/kept" | split -b 15M -d -a 2 - "$RESUME_DIR/$stamp/$stamp.tar.part-"
-      echo "collect: kept $(sed 's|/[^/]*$||' "$tmp/kept" | sort -u | wc -l) of $(wc -l < "$tmp/all") unfinished" \
+      echo "collect: kept $(wc -l < "$tmp/kept-jobs") of $(wc -l < "$tmp/all-jobs") unfinished" \
         "jobs' state ($(du -sh "$RESUME_DIR/$stamp" | cut -f1)) in $RESUME_DIR/$stamp"
     fi
-    sed 's|/[^/]*$||' "$tmp/kept" | sort -u | comm -13 - "$tmp/all" \
-      | sed "s/^/collect: over RESUME_KEEP_MIB = $RESUME_KEEP_MIB, starts afresh: /"
+    comm -13 "$tmp/kept-jobs" "$tmp/all-jobs" | sed "s/^/collect: over RESUME_KEEP_MIB = $RESUME_KEEP_MIB, starts afresh: /"
   fi
   rm -rf "$tmp" .gpu/resume-*
 }
