@@ -7,6 +7,7 @@ import pytest
 from conftest import write_mcq
 
 from fedcollm import components
+from fedcollm.config import load_config
 from fedcollm.errors import FedCoLLMError
 from fedcollm.federated.client_app import SLMClient
 from fedcollm.federated.reference import ServerReference
@@ -43,3 +44,15 @@ def test_a_client_above_the_servers_weight_cap_refuses(smoke_cfg, tmp_path):
     with pytest.raises(FedCoLLMError, match=r"client 1: 9 training examples exceed the server's "
                                             r"federation.max_client_examples = 5"):
         SLMClient(smoke_cfg, 1, str(own)).fit(message, {**config, "max_examples": 5})
+
+
+def test_a_clients_training_shows_its_progress(smoke_cfg, smoke_overrides, capsys, monkeypatch):
+    """A round of a client on a whole training split can take many minutes: with run.progress on,
+    its steps show (as lines: a simulated client has no terminal), named by client and round."""
+    monkeypatch.setattr("fedcollm.progress.PROGRESS_SECONDS", 0.0)
+    message, config = first_message(smoke_cfg)
+    SLMClient(smoke_cfg, 2).fit(message, config)
+    assert ": step " not in capsys.readouterr().out  # the fixture's run.progress = false
+    shown = load_config(overrides=[*smoke_overrides, "run.progress=true"], preset="smoke")
+    SLMClient(shown, 2).fit(message, config)
+    assert "[fedcollm] client 2 round 1: step 1 of " in capsys.readouterr().out

@@ -49,3 +49,21 @@ def test_one_sft_step_moves_only_the_adapter(lora_model):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= set(adapter_state(model)) | {k for k in before if "lora_" in k}
     assert all("lora_" in k for k in changed)
+
+
+def test_a_pass_without_a_terminal_shows_its_progress_as_lines(lora_model, capsys, monkeypatch):
+    """A simulated client's output reaches the driver through Ray line by line, a job's through its
+    log: a tqdm bar there (one line redrawn by carriage returns) shows nothing until it ends."""
+    monkeypatch.setattr("fedcollm.progress.PROGRESS_SECONDS", 0.0)  # a line at every step
+    model, tok = lora_model
+    sft(model, encode_pairs(tok, PAIRS, 64), epochs=4, lr=1e-2, batch_size=1, pad_id=tok.pad_token_id,
+        seed=0, device=torch.device("cpu"), progress=True, desc="client 2 round 1")
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert "\r" not in out.out + out.err
+    assert lines[0].startswith("[fedcollm] client 2 round 1: step 1 of 12 (8%), ")
+    assert lines[-1].startswith("[fedcollm] client 2 round 1: step 12 of 12 (100%), ")
+    assert "loss=" in lines[10] and "loss=" not in lines[9]  # read every PROGRESS_EVERY steps, shown next line
+    sft(model, encode_pairs(tok, PAIRS, 64), epochs=1, lr=1e-2, batch_size=1, pad_id=tok.pad_token_id,
+        seed=0, device=torch.device("cpu"), progress=False)
+    assert capsys.readouterr().out == ""

@@ -16,12 +16,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from fedcollm.data.encode import encode_pairs
 from fedcollm.data.records import MCQRecord, context, continuations
 from fedcollm.errors import FedCoLLMError
 from fedcollm.models.compat import cache_kwargs, output_cache
+from fedcollm.progress import progress_bar
 
 CPU_BATCH, CUDA_BATCH = 16, 256  # choices per forward pass when run.eval_batch_size = 0 (auto)
 
@@ -88,8 +88,9 @@ def choice_logliks(model, requests: list[Request], *, batch_size: int, device: t
     """Log-likelihood of every choice of every request (requests × choices)."""
     out: list[list[float]] = [[0.0] * len(r.choices) for r in requests]
     model.eval()
-    for group in tqdm(_groups(requests, auto_batch_size(batch_size, device)), desc=desc,
-                      disable=not progress, leave=False):
+    groups = _groups(requests, auto_batch_size(batch_size, device))
+    bar = progress_bar(len(groups), desc, progress)
+    for group in groups:
         ctx_ids, ctx_mask = (t.to(device) for t in _padded([requests[i].context for i in group], pad_id, left=True))
         # Explicit positions: left padding must not shift them.
         ctx_pos = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
@@ -109,6 +110,8 @@ def choice_logliks(model, requests: list[Request], *, batch_size: int, device: t
         sums = (_cont_logprobs(logits, cont_ids).double() * cont_mask).sum(-1)
         for (_, i, c), value in zip(pairs, sums.tolist()):
             out[i][c] = value
+        bar.update(1)
+    bar.close()
     return out
 
 

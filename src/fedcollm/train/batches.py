@@ -37,9 +37,6 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-PROGRESS_EVERY = 10  # steps between progress-bar loss readings (each one waits for the device)
-
-
 def optimizer(params: list[torch.nn.Parameter], *, lr: float, weight_decay: float,
               device: torch.device) -> torch.optim.AdamW:
     """AdamW; on a GPU the fused kernel (one launch for every adapter tensor rather than a few

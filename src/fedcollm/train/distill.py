@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from fedcollm.data.encode import Encoded, collate
 from fedcollm.models.logits import answer_logits
 from fedcollm.train.align import VocabMap, align, one_to_one
-from fedcollm.train.batches import PROGRESS_EVERY, index_batches, num_batches, on, optimizer, trainable
+from fedcollm.progress import PROGRESS_EVERY, progress_bar
+from fedcollm.train.batches import index_batches, num_batches, on, optimizer, trainable
 
 CROSS_TOP_K = 16  # teacher tokens carried across vocabularies when distill.top_k = 0
 PAD_CHOICE = -1e4  # the log-likelihood of a choice a question does not have (softmax weight ~0)
@@ -203,7 +203,7 @@ def mutual_distill(llm, slm, aux: AuxSet, cfg, *, seed: int, device: torch.devic
     sums: dict[str, torch.Tensor] = {}  # on the device, read at the end
     steps = 0
     n = len(aux.llm)
-    bar = tqdm(total=cfg.epochs * num_batches(n, cfg.batch_size), desc="server KD", disable=not progress, leave=False)
+    bar = progress_bar(cfg.epochs * num_batches(n, cfg.batch_size), "server KD", progress)
     micro = micro_batch(aux, cfg)
     for epoch in range(cfg.epochs):
         for idx in index_batches(n, cfg.batch_size, seed + epoch):

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from fedcollm import checkpoint
 from fedcollm.crash import maybe_kill
 from fedcollm.data.encode import Encoded
 from fedcollm.models.logits import answer_logits
-from fedcollm.train.batches import PROGRESS_EVERY, batches, num_batches, optimizer, trainable
+from fedcollm.progress import PROGRESS_EVERY, progress_bar
+from fedcollm.train.batches import batches, num_batches, optimizer, trainable
 
 
 def sft_step(model, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -52,8 +52,7 @@ def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: i
         total += state["loss_sum"].to(device)
         _set_rng(state["rng"], device)
         print(f"[fedcollm] {desc}: continuing after epoch {start} of {epochs} ({resume})", flush=True)
-    bar = tqdm(total=epochs * num_batches(len(examples), batch_size), initial=steps, desc=desc,
-               disable=not progress, leave=False)
+    bar = progress_bar(epochs * num_batches(len(examples), batch_size), desc, progress, initial=steps)
     for epoch in range(start, epochs):
         for batch in batches(examples, batch_size, pad_id, seed + epoch, device):
             total += sft_step(model, batch, opt)
