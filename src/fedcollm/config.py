@@ -199,7 +199,7 @@ class RunConfig:
     # always after the last; 0 = after the last round only (experiments: they score the
     # zero-shot models once, apart).
     eval_every: int = 1
-    progress: bool = True
+    progress: bool = True  # bars on a terminal, else a line every 30 s (fedcollm/progress.py)
     resume: bool = False  # continue from out_dir/checkpoint.pt (set by `fedcollm run --resume`)
 
 
