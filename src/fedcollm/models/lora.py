@@ -6,6 +6,7 @@ import hashlib
 import math
 import re
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,11 @@ def attach_lora(model, r: int, alpha: int, dropout: float, target_modules: tuple
             f"its linear modules are: {', '.join(linear_names)}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=list(target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft (0.21) reads `is_gradient_checkpointing`, which transformers 5 deprecates with a
+        # FutureWarning: one per model built, in every client's log, and nothing for a user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, config)
     if freeze_a:
         _draw_frozen_a(model, seed)
     return model
