@@ -5,7 +5,7 @@ client's (a Ray actor's, forwarded line by line to the driver), an experiment jo
 SuperNode's service log, that shows nothing until the bar ends, or one ever-growing line. There
 the same calls print a line every PROGRESS_SECONDS instead:
 
-    [fedcollm] client 2 round 1: step 120 of 244 (49%), 63 s, loss=1.234
+    [fedcollm] client 2 round 1: step 120 of 244 (49%), 63 s, ~65 s left, loss=1.234
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class LineProgress:
     shorter than that: its caller's own summary line says enough)."""
 
     def __init__(self, total: int, desc: str, initial: int = 0):
-        self.total, self.desc, self.n, self.postfix = total, desc, initial, ""
+        self.total, self.desc, self.n, self.initial, self.postfix = total, desc, initial, initial, ""
         self.start = self.last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
@@ -32,8 +32,10 @@ class LineProgress:
         now = time.monotonic()
         if now - self.last >= PROGRESS_SECONDS:
             self.last = now
+            spent = now - self.start  # at this pass's pace (steps done before a resume excluded)
+            left = spent / max(self.n - self.initial, 1) * max(self.total - self.n, 0)
             print(f"[fedcollm] {self.desc}: step {self.n} of {self.total} ({100 * self.n // max(self.total, 1)}%), "
-                  f"{now - self.start:.0f} s{self.postfix}", flush=True)
+                  f"{spent:.0f} s, ~{left:.0f} s left{self.postfix}", flush=True)
 
     def set_postfix(self, **values) -> None:
         self.postfix = "".join(f", {k}={v}" for k, v in values.items())
