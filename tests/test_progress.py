@@ -21,3 +21,12 @@ def test_a_line_every_interval_with_the_time_left_at_this_passes_pace(capsys, mo
     now[0] = 60.0
     bar.update(1)
     assert capsys.readouterr().out == ""  # 20 s since the last line
+
+
+def test_a_runs_rounds_show_with_the_time_the_run_has_left(capsys, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("fedcollm.progress.time", SimpleNamespace(monotonic=lambda: now[0]))
+    bar = LineProgress(total=3, desc="rounds", unit="round")
+    now[0] = 100.0
+    bar.update(1)
+    assert capsys.readouterr().out == "[fedcollm] rounds: round 1 of 3 (33%), 100 s, ~200 s left\n"

@@ -23,8 +23,8 @@ class LineProgress:
     """tqdm's update / set_postfix / close, as a line every PROGRESS_SECONDS (none for a pass
     shorter than that: its caller's own summary line says enough)."""
 
-    def __init__(self, total: int, desc: str, initial: int = 0):
-        self.total, self.desc, self.n, self.initial, self.postfix = total, desc, initial, initial, ""
+    def __init__(self, total: int, desc: str, initial: int = 0, unit: str = "step"):
+        self.total, self.desc, self.n, self.initial, self.unit, self.postfix = total, desc, initial, initial, unit, ""
         self.start = self.last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
@@ -34,7 +34,7 @@ class LineProgress:
             self.last = now
             spent = now - self.start  # at this pass's pace (steps done before a resume excluded)
             left = spent / max(self.n - self.initial, 1) * max(self.total - self.n, 0)
-            print(f"[fedcollm] {self.desc}: step {self.n} of {self.total} ({100 * self.n // max(self.total, 1)}%), "
+            print(f"[fedcollm] {self.desc}: {self.unit} {self.n} of {self.total} ({100 * self.n // max(self.total, 1)}%), "
                   f"{spent:.0f} s, ~{left:.0f} s left{self.postfix}", flush=True)
 
     def set_postfix(self, **values) -> None:
@@ -44,8 +44,9 @@ class LineProgress:
         pass
 
 
-def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
-    """A tqdm bar where stderr is a terminal, LineProgress elsewhere, a disabled bar if not enabled."""
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0, unit: str = "step", leave: bool = False):
+    """A tqdm bar where stderr is a terminal (`leave`: it stays once done), LineProgress
+    elsewhere, a disabled bar if not enabled."""
     if enabled and not sys.stderr.isatty():
-        return LineProgress(total, desc, initial)
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False)
+        return LineProgress(total, desc, initial, unit)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, leave=leave)

@@ -32,7 +32,6 @@ import torch
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg, Strategy
 from flwr.server.strategy.aggregate import aggregate
-from tqdm.auto import tqdm
 
 from fedcollm import checkpoint, components
 from fedcollm.config import Config
@@ -42,6 +41,7 @@ from fedcollm.eval.mcq import evaluate
 from fedcollm.federated import privacy, reference, transport
 from fedcollm.federated.validate import update_problem
 from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, frozen_a_digest, load_adapter_ndarrays
+from fedcollm.progress import progress_bar
 from fedcollm.report import Recorder
 from fedcollm.train.distill import mutual_distill
 
@@ -130,8 +130,8 @@ class FedCoLLMStrategy(Strategy):
         self.sent_whole = 0  # of them, sent the adapter whole rather than changes
         self.round_t0 = time.time()
         self.last_items: dict = {}  # per-item correctness of the last scoring (paired tests)
-        self.rounds_bar = tqdm(total=cfg.federation.rounds, initial=self.offset, desc="rounds",
-                               unit="round", disable=not cfg.run.progress)
+        self.rounds_bar = progress_bar(cfg.federation.rounds, "rounds", cfg.run.progress, initial=self.offset,
+                                       unit="round", leave=True)
 
     def __repr__(self) -> str:
         return f"FedCoLLMStrategy({self.aggregator!r} + server mutual KD)"

@@ -70,6 +70,10 @@ def run_simulation(cfg: Config, observe=None, extra_mods=()) -> dict:
     # them (16 on a 16-core GPU host, 96 for 6 experiment jobs at once, ~70 MB each), while the
     # simulation needs one worker per client actor, started on demand anyway.
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    # Ray folds lines from two actors that differ only in their numbers into one ("[repeated 2x
+    # across cluster]"): client 1's progress would hide behind client 0's. Our own lines always
+    # show (read when ray is first imported, which the simulation below does).
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^\[fedcollm\] ")
     backend = {
         "client_resources": resources,
         "init_args": {"num_cpus": max(cpus, cfg.federation.client_cpus), "include_dashboard": False},
