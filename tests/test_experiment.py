@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def experiment(tmp_path_factory, mcq_files):
            "--set", 'data.dataset="mcq_jsonl"', "--set", f'data.train_file="{train}"',
            "--set", f'data.eval_file="{evals}"', "--set", "federation.rounds=1", "--set", "run.progress=false"]
     first = subprocess.run([*cmd, "--seeds", "0", "--jobs", "2"], capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]  # the jobs' own output: stdout
     doc = json.loads((out / "results.json").read_text())
     table = (out / "table1.md").read_text() + (out / "table2.md").read_text()
     again = subprocess.run([*cmd, "--seeds", "0,1", "--methods", "zero_shot,standalone,centralized"],
@@ -71,6 +72,10 @@ def test_every_method_lands_in_the_tables(experiment):
 def test_rerun_computes_only_what_is_missing(experiment):
     out, _, _, first, again = experiment
     assert first.stdout.count(": running") == len(METHODS)
+    # Two jobs at a time: each line a job's process printed says which job it is from.
+    clients = [line for line in first.stdout.splitlines() if "[fedcollm] client " in line]
+    assert clients and all(re.match(r"\[experiment\] \(\d/8\) mcq_jsonl (fedavg|fedcollm|kd_\w+|lambda0) seed 0 \| ",
+                                    line) for line in clients), clients[:3]
     # zero-shot and seed 0 come from the cache; only seed 1 of the two trained methods runs.
     assert again.stdout.count(": cached") == 3 and again.stdout.count(": running") == 2
     res = json.loads((out / "results.json").read_text())["results"]["mcq_jsonl"]

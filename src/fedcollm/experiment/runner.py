@@ -133,16 +133,22 @@ def child_env(gpu: str | None) -> dict:
     return env
 
 
-def run_in_child(cfg: Config, method: str, workdir: Path, gpu: str | None = None) -> dict:
+def run_in_child(cfg: Config, method: str, workdir: Path, gpu: str | None = None, tag: str = "") -> dict:
     """METHODS[method](cfg, workdir) in a fresh process (`python -m fedcollm.experiment.job`), on
     GPU `gpu` alone if given: concurrent jobs must not share a process (models, Ray, the GPU's
-    caching allocator)."""
+    caching allocator). Each line of its output (stdout and stderr) is printed after `tag | `:
+    the lines of jobs that run at once interleave, and would not say which job they are from."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_file, result_file = workdir.with_suffix(".job.toml"), workdir.with_suffix(".job.json")
     config_file.write_text(sharing_one_gpu(cfg).to_toml())
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "fedcollm.experiment.job", str(config_file), method, str(workdir), str(result_file)]
-    code = subprocess.run(cmd, env=child_env(gpu)).returncode
+    with subprocess.Popen(cmd, env=child_env(gpu), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as child:
+        for line in child.stdout:  # bytes, split at "\n" only: a bar's "\r" redraws stay in their line
+            text = line.decode(errors="replace")
+            sys.stdout.write(f"{tag} | {text}" + ("" if text.endswith("\n") else "\n"))
+            sys.stdout.flush()
+    code = child.returncode
     if code != 0 or not result_file.is_file():
         raise FedCoLLMError(f"experiment: `{shlex.join(cmd)}` failed with exit code {code} (its log is above)")
     return json.loads(result_file.read_text())
@@ -188,7 +194,7 @@ class Cache:
         # The state a try cut short left (a round, an epoch, a finished client): this try goes on
         # from it, and its time does not count the earlier try's.
         continued = any(workdir.glob("*.pt")) or any(workdir.glob("standalone-client*.json"))
-        result = run_in_child(job.cfg, job.method, workdir, gpu) if in_child else METHODS[job.method](job.cfg, workdir)
+        result = run_in_child(job.cfg, job.method, workdir, gpu, job.tag) if in_child else METHODS[job.method](job.cfg, workdir)
         if result.pop("code_version", self.code) != self.code:
             raise FedCoLLMError("experiment: the code changed while it ran (a child run reports another code "
                                 "version); restart it so that one table holds one code version")
