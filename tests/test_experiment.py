@@ -244,7 +244,8 @@ def test_results_of_other_code_are_recomputed_or_refused(smoke_cfg, tmp_path, mo
     monkeypatch.setattr(runner, "code_version", lambda: "old")
     runner.run_experiment(smoke_cfg, ["mcq_jsonl"], [0, 1], ["standalone"], tmp_path, "cmd")
     done = [line for line in capsys.readouterr().out.splitlines() if ": done in" in line]  # the log's progress
-    assert [line.rsplit("(", 1)[1] for line in done] == ["1 of 2 jobs to compute done)", "2 of 2 jobs to compute done)"]
+    assert [re.sub(r"\d+ s", "T", line.rsplit("(", 1)[1]) for line in done] == [
+        "1 of 2 jobs to compute done, T, ~T left)", "2 of 2 jobs to compute done, T)"]
     # The code changes; seed 1 is computed by the new code, seed 0 kept from the old.
     monkeypatch.setattr(runner, "code_version", lambda: "new")
     monkeypatch.setitem(runner.METHODS, "standalone", _fake_method(0.75, new_dirs))
@@ -440,3 +441,11 @@ def test_standalone_does_not_train_again_the_clients_it_finished(smoke_cfg, tmp_
 
     monkeypatch.setattr(methods, "_sft", no_training)
     assert methods.standalone(cfg, tmp_path) == first
+
+
+def test_the_experiments_progress_says_the_time_left_at_its_pace():
+    from fedcollm.experiment.runner import _progress  # noqa: PLC0415
+
+    assert _progress(14, 56, 720.0) == "14 of 56 jobs to compute done, 12 min, ~36 min left"
+    assert _progress(1, 3, 30.0) == "1 of 3 jobs to compute done, 30 s, ~60 s left"
+    assert _progress(3, 3, 95.0) == "3 of 3 jobs to compute done, 95 s"

@@ -154,6 +154,16 @@ def run_in_child(cfg: Config, method: str, workdir: Path, gpu: str | None = None
     return json.loads(result_file.read_text())
 
 
+def _progress(done: int, total: int, spent: float) -> str:
+    """`14 of 56 jobs to compute done, 12 min, ~36 min left`: the time left at the pace so far
+    (jobs differ in size, so a first look, better as more are done)."""
+    def span(seconds: float) -> str:
+        return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+    left = spent / max(done, 1) * (total - done)
+    return f"{done} of {total} jobs to compute done, {span(spent)}" + (f", ~{span(left)} left" if done < total else "")
+
+
 @dataclasses.dataclass
 class Cache:
     """The experiment's result cache and its rule: one table, one code version."""
@@ -164,6 +174,7 @@ class Cache:
     versions: Counter = dataclasses.field(default_factory=Counter)  # code version → results used
     computed: int = 0  # jobs computed by this run so far, of `to_compute` (the log's progress)
     to_compute: int = 0
+    started: float = 0.0  # when this run began computing (its pace: the time left)
 
     def __post_init__(self):
         self.code = self.code or code_version()
@@ -208,7 +219,7 @@ class Cache:
         with self._lock:
             self.versions[self.code] += 1
             self.computed += 1
-            progress = f"{self.computed} of {self.to_compute} jobs to compute done" if self.to_compute else ""
+            progress = _progress(self.computed, self.to_compute, time.time() - self.started) if self.to_compute else ""
         print(f"{job.tag}: done in {result['seconds']:.0f} s: SLM {_acc(result['slm'])} LLM {_acc(result['llm'])}"
               + (f" ({progress})" if progress else ""), flush=True)
         return result
@@ -227,6 +238,7 @@ class Cache:
             elif self.compute:
                 missing.append(job)
         self.to_compute += len(missing)
+        self.started = self.started or time.time()
         if parallel <= 1:
             for job in missing:
                 results[job.key] = self.compute_job(job, in_child=False)
