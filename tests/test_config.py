@@ -92,6 +92,7 @@ def test_cli_bad_config_exits_nonzero_with_one_line(capsys, tmp_path):
     (["experiment", "--preset", "smoke", "--seeds", "0,1,0"], "--seeds '0,1,0': 0 given twice"),
     (["experiment", "--preset", "smoke", "--seeds", "0,,1"], "--seeds '0,,1': an empty item"),
     (["experiment", "--preset", "smoke", "--datasets", "arc_easy,arc_easy"], "--datasets 'arc_easy,arc_easy': arc_easy given twice"),
+    (["experiment", "--preset", "smoke", "--aux-fractions", "0,0.2"], "--aux-fractions: 0 is no share of the training split"),
     (["deploy-local", "--preset", "smoke", "--clients", "0"], "argument --clients: '0': must be a whole number ≥ 1"),
     (["deploy-local", "--preset", "smoke", "--timeout", "-5"], "argument --timeout: '-5': must be a whole number ≥ 1"),
 ])

@@ -96,6 +96,9 @@ def cmd_experiment(args) -> int:
 
         fractions = _listed(args.aux_fractions, "--aux-fractions", float, "numbers, e.g. 0.05,0.1,0.2,0.4")
         for f in fractions:  # each one validated (0 < f < 1) before anything runs
+            if f == 0:  # the config's 0 means equal parts: the table would call a 20% part 0%
+                raise FedCoLLMError("--aux-fractions: 0 is no share of the training split (data.aux_fraction = 0 "
+                                    "means equal parts, 1/(clients + 1)); name that share, e.g. 0.2")
             load_config(args.config, [*args.overrides, f"data.aux_fraction={f}"], args.preset)
         if len(datasets) != 1:
             raise FedCoLLMError("--aux-fractions: name one dataset (--datasets)")
