@@ -65,7 +65,7 @@ def test_malformed_line_names_file_and_line(tmp_path, line, message):
     assert text.startswith(f"{f}:2: ") and message in text and "\n" not in text
 
 
-def test_missing_dataset_names_every_place_tried(tmp_path, monkeypatch):
+def test_missing_dataset_names_every_place_tried(tmp_path, monkeypatch, capsys):
     import dataclasses  # noqa: PLC0415
 
     from fedcollm.data import loaders  # noqa: PLC0415
@@ -84,6 +84,8 @@ def test_missing_dataset_names_every_place_tried(tmp_path, monkeypatch):
     assert str(tmp_path / "env" / "arc" / "ARC-Challenge-Missing.jsonl") in text
     assert "shared/data/arc/ARC-Challenge-Missing.jsonl" in text
     assert "hub allenai/ai2_arc" in text
+    # data.path names no folder: said at once (a typo would read the next place's data unnoticed)
+    assert f"data.path '{tmp_path / 'mine'}' is not a folder on this host" in capsys.readouterr().err
 
 
 def test_commonsense_qa_hub_fallback_reads_the_labelled_split():

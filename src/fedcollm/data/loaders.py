@@ -12,8 +12,10 @@ Where a dataset is looked for, in order: the path the user gives (`data.path`), 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +145,15 @@ def _from_hub(spec: DatasetSpec, split: str) -> list[MCQRecord]:
     return out
 
 
+@functools.cache
+def _say_missing_path(user_path: str) -> None:
+    """Once a process: a typo in data.path would otherwise read the next place's data unnoticed.
+    Not an error: a SuperNode that reads its part of a named dataset gets the server's data.path,
+    which need not exist on its host ($FEDCOLLM_DATA there is searched next)."""
+    print(f"[fedcollm] data.path {user_path!r} is not a folder on this host: looking further "
+          "($FEDCOLLM_DATA, ../shared/data, the hub)", file=sys.stderr, flush=True)
+
+
 def load_split(dataset: str, split: str, user_path: str = "") -> list[MCQRecord]:
     """Records of one split of a named dataset, from the first place that has it."""
     if dataset not in DATASETS:
@@ -150,6 +161,8 @@ def load_split(dataset: str, split: str, user_path: str = "") -> list[MCQRecord]
     spec = DATASETS[dataset]
     if split not in spec.files:
         raise FedCoLLMError(f"dataset {dataset!r} has no split {split!r} (known: {', '.join(spec.files)})")
+    if user_path and not Path(user_path).is_dir():
+        _say_missing_path(user_path)
     tried = []
     for root in candidate_roots(user_path):
         f = root / spec.files[split]
