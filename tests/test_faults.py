@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,13 +101,19 @@ def test_sigkill_mid_round_then_resume_gives_identical_adapters(mcq_files, tmp_p
     finally:
         _kill_group(proc)
     assert not (out / "summary.json").exists()
-    assert "resuming" in _resumed(out, mcq_files)
+    # Where the kill landed is up to the machine's load: after round 1's checkpoint as a rule, but
+    # a starved watcher can miss round 2's end too, and a kill between the row and its checkpoint
+    # resumes after round 0.
+    done = int(re.search(r"resuming \S+ after round (\d+)", _resumed(out, mcq_files)).group(1))
+    assert done < 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    # The resumed server knows no client's reference: round 2 sends it whole (fp32), round 3
-    # changes again; the clients rebuilt the same reference, so the adapters are bit for bit equal.
-    assert [r.get("sent_whole") for r in rows] == [None, 0, 4, 0]
-    assert rows[2]["bytes_down_per_client"] > 2 * rows[3]["bytes_down_per_client"]
+    # The resumed server knows no client's reference: its first round sends the adapter whole
+    # (fp32), the next ones changes again; the clients rebuilt the same reference, so the
+    # adapters are bit for bit equal.
+    assert [r.get("sent_whole") for r in rows] == [None, *(4 if r == done + 1 else 0 for r in (1, 2, 3))]
+    assert all(rows[done + 1]["bytes_down_per_client"] > 2 * rows[r]["bytes_down_per_client"]
+               for r in (1, 2, 3) if r != done + 1)
     _assert_bitwise_equal(_adapters(out), uninterrupted)
 
 
