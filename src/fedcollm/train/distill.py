@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from fedcollm.data.encode import Encoded, collate
 from fedcollm.models.logits import answer_logits
-from fedcollm.train.align import VocabMap, align, one_to_one
 from fedcollm.progress import PROGRESS_EVERY, progress_bar
+from fedcollm.train.align import VocabMap, align, one_to_one
 from fedcollm.train.batches import index_batches, num_batches, on, optimizer, trainable
 
 CROSS_TOP_K = 16  # teacher tokens carried across vocabularies when distill.top_k = 0
