@@ -27,6 +27,9 @@ def test_a_runs_rounds_show_with_the_time_the_run_has_left(capsys, monkeypatch):
     now = [0.0]
     monkeypatch.setattr("fedcollm.progress.time", SimpleNamespace(monotonic=lambda: now[0]))
     bar = LineProgress(total=3, desc="rounds", unit="round")
+    now[0] = 40.0
+    bar.update(0)  # the strategy's round 0 (the zero-shot scores): no round done, no pace to tell
+    assert capsys.readouterr().out == ""
     now[0] = 100.0
     bar.update(1)
     assert capsys.readouterr().out == "[fedcollm] rounds: round 1 of 3 (33%), 100 s, ~200 s left\n"

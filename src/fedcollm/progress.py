@@ -30,10 +30,10 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.last >= PROGRESS_SECONDS:
+        if now - self.last >= PROGRESS_SECONDS and self.n > self.initial:  # no pace before the first step
             self.last = now
             spent = now - self.start  # at this pass's pace (steps done before a resume excluded)
-            left = spent / max(self.n - self.initial, 1) * max(self.total - self.n, 0)
+            left = spent / (self.n - self.initial) * max(self.total - self.n, 0)
             print(f"[fedcollm] {self.desc}: {self.unit} {self.n} of {self.total} ({100 * self.n // max(self.total, 1)}%), "
                   f"{spent:.0f} s, ~{left:.0f} s left{self.postfix}", flush=True)
 
