@@ -31,18 +31,21 @@ GOALS = {"eval_full_test_s": 20.0, "round_s": 60.0, "round_gpu_busy": 0.5}
 
 
 class GpuBusy:
-    """Samples nvidia-smi's utilisation.gpu every 0.2 s while in the `with` block."""
+    """Samples nvidia-smi's utilisation.gpu and memory.used (the whole GPU's, every process's)
+    every 0.2 s while in the `with` block."""
 
     def __init__(self):
         self.samples: list[float] = []
+        self.memory_mb: list[float] = []
         self._stop = threading.Event()
 
     def _poll(self):
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout.split()
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout.splitlines()[0].split(",")
                 self.samples.append(float(out[0]) / 100)
+                self.memory_mb.append(float(out[1]))
             except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
                 return
             self._stop.wait(0.2)
@@ -59,6 +62,10 @@ class GpuBusy:
     @property
     def mean(self) -> float | None:
         return sum(self.samples) / len(self.samples) if self.samples else None
+
+    @property
+    def peak_mb(self) -> float | None:
+        return max(self.memory_mb) if self.memory_mb else None
 
 
 def _sync(device):

@@ -18,7 +18,9 @@
 #   here, after:  bash scripts/gpu_session.sh collect CALL_FOLDER...  # each call's files, in call order:
 #           its caches into results/, the unfinished jobs' state into $RESUME_DIR (commit both)
 #
-# The work: issue #12's Table 1 (configs/experiment-gpu.toml, 6 jobs at once), then its
+# The work: a measure of whether CUDA MPS speeds up JOBS jobs at once (benchmarks/concurrent_jobs.py;
+# the work runs under MPS where it does, see MPS below), then issue #12's Table 1
+# (configs/experiment-gpu.toml, 6 jobs at once), then its
 # auxiliary-size study (both from the committed cache results/experiment-gpu/cache), then issue
 # #14's second dataset: accuracy against traffic on OpenBookQA's validation split at full scale
 # (from results/traffic/gpu/cache). Each step starts when the one before has nothing left to run.
@@ -54,6 +56,14 @@ RUNS=${RUNS:-/tmp/fedcollm-gpu}  # job folders: in /tmp, which outlives a call o
 TRAFFIC_DATASET=${TRAFFIC_DATASET:-openbookqa}
 TRAFFIC_GRID=${TRAFFIC_GRID:-"modules=all;r=4,8,16;transport=int4 | modules=all;transport=fp32 | modules=qkvo;transport=int4 | modules=qv;r=8,16;transport=int4"}
 SHIP_S=${SHIP_S:-20}  # what `go` leaves of its SECONDS to send back the work's state
+# CUDA MPS for the work (benchmarks/concurrent_jobs.py): without it the GPU runs the kernels of one
+# process at a time, and each of the JOBS launch-bound jobs keeps only a few of its SMs busy. auto:
+# first time JOBS jobs' SFT steps with and without (~90 s of GPU time, once per machine) and use it
+# if it is MPS_GAIN times as fast; on; off. Where clients train is not in a config's digest, and
+# MPS runs the same kernels: the table's cache entries stay those of the same jobs.
+MPS=${MPS:-auto}
+MPS_GAIN=${MPS_GAIN:-1.2}  # above the noise of a 10-s measure
+MPS_DIR=${MPS_DIR:-/tmp/fedcollm-mps}
 # Unfinished jobs' state sent back per call (files of 15 MiB; a call returns 8 files of ≤ 16 MiB,
 # 64 MiB in all): unset, what the archive leaves of 60 MiB.
 RESUME_MIB=${RESUME_MIB:-}
@@ -175,6 +185,11 @@ restore() {
 steps() {
   local step study extra
   stamp() { while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done; }
+  local mps  # the decision's reason, then on or off (start_mps must run in this shell: it exports)
+  if mps=$(use_mps); then
+    if start_mps; then mps+=" on"; else mps+=" the daemon did not start: off"; fi
+  else mps+=" off"; fi
+  echo "$(date +%T) steps: CUDA MPS: $mps" >> "$RUNS/logs/steps.log"
   for step in table aux_size traffic; do
     study=experiment-gpu extra=(--datasets "$TABLE_DATASETS")
     case $step in
@@ -188,7 +203,46 @@ steps() {
       || echo "$(date +%T) steps: $step stopped: rc $?" >> "$RUNS/logs/steps.log"
     .venv/bin/ray stop --force > /dev/null 2>&1 || true  # actors a failed job left
   done
+  stop_mps
   echo "$(date +%T) steps: all done" >> "$RUNS/logs/steps.log"
+}
+
+# Whether the work should run under MPS ($MPS); the reason, for the steps log, on stdout.
+use_mps() {
+  case $MPS in on) echo "MPS=on:"; return 0 ;; off) echo "MPS=off:"; return 1 ;; esac
+  command -v nvidia-cuda-mps-control > /dev/null || { echo "no nvidia-cuda-mps-control here:"; return 1; }
+  PYTHONPATH=$PWD/src timeout 600 .venv/bin/python benchmarks/concurrent_jobs.py --procs "$JOBS" \
+    --out "$RUNS/logs/concurrent_jobs.json" > "$RUNS/logs/concurrent_jobs.log" 2>&1
+  mps_pays "$RUNS/logs/concurrent_jobs.json"
+}
+
+# Whether the benchmark's report $1 measured MPS at MPS_GAIN times the throughput without it.
+mps_pays() {
+  "${PY:-.venv/bin/python}" - "$1" "$MPS_GAIN" <<'EOF_PY'
+import json, sys
+from pathlib import Path
+
+report = json.loads(Path(sys.argv[1]).read_text()) if Path(sys.argv[1]).is_file() else {}
+gain = report.get("mps_speedup")
+failed = {arm: r["failed"][:200] for arm, r in report.get("arms", {}).items() if "failed" in r}
+print(f"measured {gain:.2f}x the throughput without it (want {sys.argv[2]}x):" if gain else
+      f"not measured ({failed or 'no report'}):", end=" ")
+sys.exit(0 if gain and gain >= float(sys.argv[2]) else 1)
+EOF_PY
+}
+
+# The MPS daemon for the work: its clients (every CUDA process of the work, Ray's actors too)
+# find it by the pipe folder in their environment.
+start_mps() {
+  export CUDA_MPS_PIPE_DIRECTORY=$MPS_DIR/pipe CUDA_MPS_LOG_DIRECTORY=$MPS_DIR/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d > /dev/null 2>&1 && return 0
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; return 1
+}
+
+stop_mps() {
+  [ -d "$MPS_DIR/pipe" ] || return 0
+  CUDA_MPS_PIPE_DIRECTORY=$MPS_DIR/pipe nvidia-cuda-mps-control <<< quit > /dev/null 2>&1 || true
 }
 
 # A snapshot of the work so far into $OUT: the logs, results and caches as one archive ($OUT
@@ -264,7 +318,7 @@ collect() {
       cp -rn runs/gpu-out/experiment-gpu/cache/. results/experiment-gpu/cache/; }
     [ ! -d runs/gpu-out/traffic-gpu/cache ] || { mkdir -p results/traffic/gpu/cache
       cp -rn runs/gpu-out/traffic-gpu/cache/. results/traffic/gpu/cache/; }
-    [ -z "${LOGS:-}" ] || { mkdir -p "$LOGS"; for f in runs/gpu-out/*.log runs/gpu-out/*.txt; do
+    [ -z "${LOGS:-}" ] || { mkdir -p "$LOGS"; for f in runs/gpu-out/*.log runs/gpu-out/*.txt runs/gpu-out/*.json; do
       [ ! -f "$f" ] || cp "$f" "$LOGS/call$k-$(basename "$f")"; done; }
     for stamp in $(resume_parts "$call" | cut -f1 | uniq); do
       mkdir -p ".gpu/$stamp" && cp "$call/$stamp".tar.part-* ".gpu/$stamp/"
@@ -311,6 +365,7 @@ stop() {
   running && kill -- -"$(cat "$RUNS/runner.pid")" 2> /dev/null || true
   pkill -f "nvidia-smi --query-gpu=timestamp" 2> /dev/null || true
   .venv/bin/ray stop --force > /dev/null 2>&1 || true
+  stop_mps
   rm -f "$RUNS/runner.pid"
 }
 

@@ -4,6 +4,7 @@ test_faults.py.)"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,8 @@ mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json"; echo "a 
     shipped = tmp_path / "gpu-out"
     for path in ("experiment-gpu/cache/d/m/seed0.json", "traffic-gpu/cache/d/m/seed0.json", "steps.log"):
         assert (shipped / path).is_file(), path
+    # No MPS daemon on this machine: the work ran without, and the log says why.
+    assert "steps: CUDA MPS: no nvidia-cuda-mps-control here: off" in (shipped / "steps.log").read_text()
     assert "a job is done" in (shipped / "table.log").read_text()  # each line of it timed
     assert all(line[2] == ":" and line[5] == ":" for line in (shipped / "table.log").read_text().splitlines())
     # The job an earlier session cut short is still unfinished: its state went back with the
@@ -201,3 +204,23 @@ def test_a_sessions_calls_send_back_different_jobs_and_the_newest_state_of_each_
     bash("take_resume", here)
     bash("restore new", here, RUNS=str(tmp_path / "fresh"))
     assert sorted(p.parent.name for p in (here / "new").rglob("checkpoint.pt")) == ["seed0-p-v", "seed1-c-v"]
+
+
+def test_the_work_runs_under_mps_only_where_the_benchmark_measured_it_faster(tmp_path):
+    """mps_pays reads benchmarks/concurrent_jobs.py's report: MPS only at MPS_GAIN times the
+    throughput without it, never where an arm failed or nothing was measured."""
+    def decide(report: dict | None) -> tuple[int, str]:
+        path = tmp_path / "concurrent_jobs.json"
+        path.unlink(missing_ok=True)
+        if report is not None:
+            path.write_text(json.dumps(report))
+        done = subprocess.run(["bash", "-c", f"source {SCRIPT}; mps_pays {path}"], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", "PY": sys.executable, "MPS_GAIN": "1.2"}, timeout=60)
+        return done.returncode, done.stdout
+
+    measured = {"arms": {"plain": {"steps_per_s": 10.0}, "mps": {"steps_per_s": 13.0}}}
+    assert decide({**measured, "mps_speedup": 1.3}) == (0, "measured 1.30x the throughput without it (want 1.2x): ")
+    assert decide({**measured, "mps_speedup": 1.15})[0] == 1
+    code, said = decide({"arms": {"plain": {"steps_per_s": 10.0}, "mps": {"failed": "rc 1: no daemon"}}})
+    assert code == 1 and "rc 1: no daemon" in said
+    assert decide(None) == (1, "not measured (no report): ")
