@@ -242,7 +242,7 @@ start_mps() {
 
 stop_mps() {
   [ -d "$MPS_DIR/pipe" ] || return 0
-  CUDA_MPS_PIPE_DIRECTORY=$MPS_DIR/pipe nvidia-cuda-mps-control <<< quit > /dev/null 2>&1 || true
+  CUDA_MPS_PIPE_DIRECTORY=$MPS_DIR/pipe timeout 60 nvidia-cuda-mps-control <<< quit > /dev/null 2>&1 || true
 }
 
 # A snapshot of the work so far into $OUT: the logs, results and caches as one archive ($OUT
