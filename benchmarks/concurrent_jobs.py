@@ -36,8 +36,8 @@ from pathlib import Path
 from gpu_throughput import GpuBusy
 
 WARMUP_STEPS = 2
-READY_TIMEOUT_S = 300  # building the model: a fresh machine converts the GGUF first
-CHILD_TIMEOUT_S = 300
+READY_TIMEOUT_S = 150  # building the model (~30 s; a fresh machine converts the GGUF first)
+CHILD_TIMEOUT_S = 180  # 30 steps take ~10 s: a hang, not work
 
 
 def child(config: str, k: int, steps: int, sets: list[str]) -> None:
