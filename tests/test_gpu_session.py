@@ -14,9 +14,14 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_session.sh"
 
 
-def bash(script: str, cwd: Path, **env: str) -> str:
-    done = subprocess.run(["bash", "-c", f"source {SCRIPT}; cd {cwd}; {script}"], capture_output=True, text=True,
+def run_bash(script: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`script` with the functions of gpu_session.sh, in `cwd`."""
+    return subprocess.run(["bash", "-c", f"source {SCRIPT}; cd {cwd}; {script}"], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "PY": sys.executable, **env}, timeout=60)
+
+
+def bash(script: str, cwd: Path, **env: str) -> str:
+    done = run_bash(script, cwd, **env)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -214,8 +219,7 @@ def test_the_work_runs_under_mps_only_where_the_benchmark_measured_it_faster(tmp
         path.unlink(missing_ok=True)
         if report is not None:
             path.write_text(json.dumps(report))
-        done = subprocess.run(["bash", "-c", f"source {SCRIPT}; mps_pays {path}"], capture_output=True, text=True,
-                              env={"PATH": "/usr/bin:/bin", "PY": sys.executable, "MPS_GAIN": "1.2"}, timeout=60)
+        done = run_bash(f"mps_pays {path}", tmp_path, MPS_GAIN="1.2")
         return done.returncode, done.stdout
 
     measured = {"arms": {"plain": {"steps_per_s": 10.0}, "mps": {"steps_per_s": 13.0}}}
