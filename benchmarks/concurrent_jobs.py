@@ -66,7 +66,7 @@ def child(config: str, k: int, steps: int, sets: list[str]) -> None:
     print("ready", flush=True)
     sys.stdin.readline()
     start = time.time()
-    stats = train(examples[WARMUP_STEPS * batch:(WARMUP_STEPS + steps) * batch])
+    stats = train(examples[WARMUP_STEPS * batch:])
     end = time.time()
     mem = torch.cuda.max_memory_reserved() / 2**20 if device.type == "cuda" else None
     print(json.dumps({"start": start, "end": end, "steps": stats["steps"], "loss": stats["loss"],
