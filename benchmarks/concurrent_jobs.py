@@ -92,6 +92,28 @@ def stop_mps(env: dict[str, str]) -> None:
                    text=True, timeout=60)
 
 
+def last_lines(stderr: str, n: int = 8) -> str:
+    """The end of a job's stderr without its progress bars: where the traceback's last lines are."""
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln
+             and "s/it]" not in ln]
+    return "\n".join(lines[-n:])
+
+
+def wait_ready(p: subprocess.Popen, deadline: float) -> None:
+    """Read a job's stdout up to its "ready" line; the library's own lines before it (a first run
+    says that it converts the GGUF: session 23's failed measure) are not failures. Read from the
+    pipe itself: select() cannot see lines already in a file object's buffer."""
+    fd, seen = p.stdout.fileno(), b""
+    while b"ready" not in [line.strip() for line in seen.split(b"\n")[:-1]]:  # whole lines only
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise RuntimeError("a job was not ready in time (CUDA or MPS start hung?)")
+        data = os.read(fd, 65536)
+        if not data:  # end of its output: the job ended
+            raise RuntimeError(f"a job failed before its first step: {last_lines(p.communicate(timeout=60)[1])}")
+        seen += data
+
+
 def run_arm(args, env_extra: dict[str, str]) -> dict:
     """N child processes started together; their steps over the common wall time."""
     cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
@@ -102,11 +124,7 @@ def run_arm(args, env_extra: dict[str, str]) -> dict:
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         for p in procs:  # every job built and warmed up before the clock starts
-            ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise RuntimeError(f"a job was not ready after {READY_TIMEOUT_S} s (CUDA or MPS start hung?)")
-            if p.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"a job failed before its first step: {p.communicate(timeout=60)[1].strip()[-1500:]}")
+            wait_ready(p, deadline)
         with GpuBusy() as busy:
             for p in procs:
                 p.stdin.write("go\n")
@@ -116,7 +134,7 @@ def run_arm(args, env_extra: dict[str, str]) -> dict:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    failed = [err.strip()[-1500:] for p, (_, err) in zip(procs, outs) if p.returncode != 0]
+    failed = [last_lines(err) for p, (_, err) in zip(procs, outs) if p.returncode != 0]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(procs)} jobs failed: {failed[0]}")
     jobs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]

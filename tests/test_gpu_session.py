@@ -228,3 +228,28 @@ def test_the_work_runs_under_mps_only_where_the_benchmark_measured_it_faster(tmp
     code, said = decide({"arms": {"plain": {"steps_per_s": 10.0}, "mps": {"failed": "rc 1: no daemon"}}})
     assert code == 1 and "rc 1: no daemon" in said
     assert decide(None) == (1, "not measured (no report): ")
+
+
+def test_the_mps_measure_waits_past_the_librarys_own_lines_and_reports_a_jobs_traceback(monkeypatch):
+    """Session 23's measure failed on a fresh H200: each job's first stdout line was the library's
+    "converting ... once" before its "ready". Lines before "ready" are not failures; a job that
+    ends before it is, with its traceback's last line rather than its progress bars."""
+    import pytest  # noqa: PLC0415
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parents[1] / "benchmarks"))
+    import concurrent_jobs  # noqa: PLC0415
+
+    def job(code: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.PIPE, text=True)
+
+    ok = job("print('[fedcollm] converting x.gguf once'); print('ready', flush=True); input()")
+    concurrent_jobs.wait_ready(ok, deadline=__import__("time").monotonic() + 30)
+    ok.communicate("go\n", timeout=30)
+    assert ok.returncode == 0
+
+    bad = job("import sys; print('[fedcollm] converting'); sys.stderr.write('Loading: 5.0it/s]\\r' * 3); "
+              "raise ValueError('no such split')")
+    with pytest.raises(RuntimeError, match="before its first step") as failed:
+        concurrent_jobs.wait_ready(bad, deadline=__import__("time").monotonic() + 30)
+    assert str(failed.value).endswith("ValueError: no such split") and "it/s]" not in str(failed.value)
