@@ -20,10 +20,10 @@
 #
 # The work: a measure of whether CUDA MPS speeds up JOBS jobs at once (benchmarks/concurrent_jobs.py;
 # the work runs under MPS where it does, see MPS below), then issue #12's Table 1
-# (configs/experiment-gpu.toml, 6 jobs at once), then its
-# auxiliary-size study (both from the committed cache results/experiment-gpu/cache), then issue
-# #14's second dataset: accuracy against traffic on OpenBookQA's validation split at full scale
-# (from results/traffic/gpu/cache). Each step starts when the one before has nothing left to run.
+# (configs/experiment-gpu.toml, 6 jobs at once), then a probe of its CommonsenseQA column
+# (PROBE_EXAMPLES below), then its auxiliary-size study, then issue #14's second dataset: accuracy
+# against traffic on OpenBookQA's validation split at full scale. Each study starts from its
+# committed cache (STUDIES below). Each step starts when the one before has nothing left to run.
 # The work runs detached from the call that starts it, on across calls while the machine stays
 # warm: a later `go` of the session only waits and sends back a fresh snapshot. What the session's
 # end cuts short is not lost: a job's last round (federated methods) or epoch (centralized,
@@ -55,6 +55,13 @@ RUNS=${RUNS:-/tmp/fedcollm-gpu}  # job folders: in /tmp, which outlives a call o
 # rank and modules, and lossless fp32; 7 points × 3 seeds on the second dataset.
 TRAFFIC_DATASET=${TRAFFIC_DATASET:-openbookqa}
 TRAFFIC_GRID=${TRAFFIC_GRID:-"modules=all;r=4,8,16;transport=int4 | modules=all;transport=fp32 | modules=qkvo;transport=int4 | modules=qv;r=8,16;transport=int4"}
+# Session 23: on CommonsenseQA every method that trains on a fifth of the data stayed at chance,
+# while centralized (all of it, ~5x the steps) reached 54%. The probe tells steps from data: the
+# LLM alone (centralized) on a fifth of the training split, for 1 and for 5 local epochs (3 and 15
+# passes: ~174 and ~870 steps), scored on the 500 items held out of the training split (never test).
+PROBE_EXAMPLES=${PROBE_EXAMPLES:-1848}  # a fifth of CommonsenseQA's 9,741 training examples less the 500 held out
+# The work's studies: each one's folder under $RUNS, and where its cache is kept here (committed).
+STUDIES="experiment-gpu=results/experiment-gpu/cache probe-gpu=results/experiment-gpu/probe/cache traffic-gpu=results/traffic/gpu/cache"
 SHIP_S=${SHIP_S:-20}  # what `go` leaves of its SECONDS to send back the work's state
 # CUDA MPS for the work (benchmarks/concurrent_jobs.py): without it the GPU runs the kernels of one
 # process at a time, and each of the JOBS launch-bound jobs keeps only a few of its SMs busy. auto:
@@ -73,6 +80,9 @@ RESUME_MIB=${RESUME_MIB:-}
 # session adds to the repository's history.
 RESUME_DIR=${RESUME_DIR:-results/experiment-gpu/resume}
 RESUME_KEEP_MIB=${RESUME_KEEP_MIB:-55}
+
+studies() { for pair in $STUDIES; do echo "${pair%%=*}"; done; }
+kept_cache() { for pair in $STUDIES; do [ "${pair%%=*}" != "$1" ] || echo "${pair#*=}"; done; }
 
 pack() {
   rm -rf .gpu/wh .gpu/data .gpu/table
@@ -183,29 +193,42 @@ restore() {
 # of being stopped and started again at each call's end (session 15: ~35 s of start-up and the
 # rounds in flight lost per restart). Its logs, each line with the time, go to $RUNS/logs.
 steps() {
-  local step study extra
-  stamp() { while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done; }
-  local mps  # the decision's reason, then on or off (start_mps must run in this shell: it exports)
+  local mps epochs  # the decision's reason, then on or off (start_mps must run in this shell: it exports)
   if mps=$(use_mps); then
     if start_mps; then mps+=" on"; else mps+=" the daemon did not start: off"; fi
   else mps+=" off"; fi
   echo "$(date +%T) steps: CUDA MPS: $mps" >> "$RUNS/logs/steps.log"
-  for step in table aux_size traffic; do
-    study=experiment-gpu extra=(--datasets "$TABLE_DATASETS")
-    case $step in
-      aux_size) extra=(--datasets arc_easy --aux-fractions 0.05,0.1,0.2,0.4) ;;
-      traffic) study=traffic-gpu extra=(--datasets "$TRAFFIC_DATASET" --set 'data.eval_split="validation"'
-                                        --traffic-grid "$TRAFFIC_GRID") ;;
-    esac
-    echo "$(date +%T) steps: $step" >> "$RUNS/logs/steps.log"
-    .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml --seeds 0,1,2 --jobs "$JOBS" "${extra[@]}" \
-      --out "$RUNS/$study" > >(stamp >> "$RUNS/logs/$step.log") 2>&1 \
-      || echo "$(date +%T) steps: $step stopped: rc $?" >> "$RUNS/logs/steps.log"
-    .venv/bin/ray stop --force > /dev/null 2>&1 || true  # actors a failed job left
+  step table experiment-gpu table --seeds 0,1,2 --jobs "$JOBS" --datasets "$TABLE_DATASETS"
+  stop_ray
+  for epochs in 1 5; do  # side by side: 3 jobs each
+    step probe probe-gpu "probe-e$epochs" --seeds 0,1,2 --jobs 3 --datasets commonsense_qa --methods centralized \
+      --set 'data.eval_split="train_holdout"' --set "data.max_train_examples=$PROBE_EXAMPLES" \
+      --set "client.local_epochs=$epochs" &
   done
+  wait
+  stop_ray
+  step aux_size experiment-gpu aux_size --seeds 0,1,2 --jobs "$JOBS" --datasets arc_easy --aux-fractions 0.05,0.1,0.2,0.4
+  stop_ray
+  step traffic traffic-gpu traffic --seeds 0,1,2 --jobs "$JOBS" --datasets "$TRAFFIC_DATASET" \
+    --set 'data.eval_split="validation"' --traffic-grid "$TRAFFIC_GRID"
+  stop_ray
   stop_mps
   echo "$(date +%T) steps: all done" >> "$RUNS/logs/steps.log"
 }
+
+# One `fedcollm experiment` of the work: step name, study (its folder under $RUNS), log name, its
+# arguments. Each log line gets the time.
+step() {
+  local name=$1 study=$2 log=$3
+  shift 3
+  echo "$(date +%T) steps: $name ($log)" >> "$RUNS/logs/steps.log"
+  .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml --out "$RUNS/$study" "$@" \
+    > >(while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done >> "$RUNS/logs/$log.log") 2>&1 \
+    || echo "$(date +%T) steps: $log stopped: rc $?" >> "$RUNS/logs/steps.log"
+}
+
+# Ray's actors that a failed job left (after a step, never beside one that runs: it stops them all).
+stop_ray() { .venv/bin/ray stop --force > /dev/null 2>&1 || true; }
 
 # Whether the work should run under MPS ($MPS); the reason, for the steps log, on stdout.
 use_mps() {
@@ -254,7 +277,7 @@ ship() {
   local study budget stamp out=runs/gpu-out
   rm -rf "$out" && mkdir -p "$out"
   cp "$RUNS"/logs/* "$out"/ 2>/dev/null || true
-  for study in experiment-gpu traffic-gpu; do
+  for study in $(studies); do
     [ -d "$RUNS/$study/cache" ] || continue
     mkdir -p "$out/$study"
     cp -r "$RUNS/$study/cache" "$out/$study/"
@@ -274,7 +297,7 @@ ship() {
 running() { [ -s "$RUNS/runner.pid" ] && kill -0 "$(cat "$RUNS/runner.pid")" 2> /dev/null; }
 
 go() {
-  local budget=${1:?go SECONDS} t0
+  local budget=${1:?go SECONDS} t0 study
   t0=$(date +%s)
   [ -d .gpu/table/src/fedcollm ] || { echo "gpu_session.sh go: no .gpu/table/src (run pack here, carry .gpu/table)" >&2; exit 2; }
   export FEDCOLLM_DATA=$PWD/.gpu/data PYTHONPATH=$PWD/.gpu/table/src \
@@ -283,12 +306,14 @@ go() {
     echo "$(date +%T) go: the work started by an earlier call runs on; $budget s" >> "$RUNS/logs/steps.log"
   else
     [ -x .venv/bin/fedcollm ] || bash scripts/setup.sh --offline /tmp/wh
-    mkdir -p "$RUNS/logs" "$RUNS/experiment-gpu" "$RUNS/traffic-gpu"
+    mkdir -p "$RUNS/logs"
     { nvidia-smi || true
       .venv/bin/python -c "import fedcollm.version as f; from importlib.metadata import version as v; print('fedcollm code', f.code_version()); print(*(f'{p} {v(p)}' for p in ('torch', 'transformers', 'peft', 'flwr', 'ray')), sep=', ')"
     } > "$RUNS/logs/device.txt" 2>&1 || true
-    [ ! -d results/experiment-gpu/cache ] || cp -rn results/experiment-gpu/cache "$RUNS/experiment-gpu"/ || true
-    [ ! -d results/traffic/gpu/cache ] || cp -rn results/traffic/gpu/cache "$RUNS/traffic-gpu"/ || true
+    for study in $(studies); do  # what is done is not run again
+      mkdir -p "$RUNS/$study"
+      [ ! -d "$(kept_cache "$study")" ] || cp -rn "$(kept_cache "$study")" "$RUNS/$study"/ || true
+    done
     restore "$RUNS" >> "$RUNS/logs/device.txt" 2>&1 || echo "restore failed: the unfinished jobs start afresh" >> "$RUNS/logs/device.txt"
     pgrep -f "nvidia-smi --query-gpu=timestamp" > /dev/null || setsid nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
       --format=csv -l 2 >> "$RUNS/logs/nvsmi.log" 2>&1 < /dev/null &
@@ -300,24 +325,24 @@ go() {
   while running && [ $(( $(date +%s) - t0 )) -lt $(( budget - SHIP_S )) ]; do sleep 1; done
   echo "$(date +%T) go: shipping after $(( $(date +%s) - t0 )) s of $budget" >> "$RUNS/logs/steps.log"
   ship
-  echo "go: $(( $(date +%s) - t0 )) s of $budget"; tail -n 5 "$RUNS/logs/steps.log"
+  echo "go: $(( $(date +%s) - t0 )) s of $budget"; tail -n 8 "$RUNS/logs/steps.log"
 }
 
 # Here, after a session: each call's files (the device tool's files_at folders), in call order.
 # Its caches go into results/ (to commit) without replacing a result there, its logs (if LOGS names
 # a folder) into LOGS/callK-NAME, and the unfinished jobs' state into $RESUME_DIR (keep_resume).
 collect() {
-  local call k=0 stamp
+  local call k=0 stamp study
   [ $# -gt 0 ] || { echo "usage: $0 collect CALL_FOLDER... (each call's files, in call order)" >&2; exit 2; }
   for call in "$@"; do
     k=$((k + 1))
     rm -rf runs/gpu-out && mkdir -p runs/gpu-out
     [ -f "$call/gpu-session.tgz" ] && tar xzf "$call/gpu-session.tgz" -C runs \
       || echo "collect: $call has no gpu-session.tgz (its resume parts, if any, are kept)" >&2
-    [ ! -d runs/gpu-out/experiment-gpu/cache ] || { mkdir -p results/experiment-gpu/cache
-      cp -rn runs/gpu-out/experiment-gpu/cache/. results/experiment-gpu/cache/; }
-    [ ! -d runs/gpu-out/traffic-gpu/cache ] || { mkdir -p results/traffic/gpu/cache
-      cp -rn runs/gpu-out/traffic-gpu/cache/. results/traffic/gpu/cache/; }
+    for study in $(studies); do
+      [ ! -d "runs/gpu-out/$study/cache" ] || { mkdir -p "$(kept_cache "$study")"
+        cp -rn "runs/gpu-out/$study/cache/." "$(kept_cache "$study")/"; }
+    done
     [ -z "${LOGS:-}" ] || { mkdir -p "$LOGS"; for f in runs/gpu-out/*.log runs/gpu-out/*.txt runs/gpu-out/*.json; do
       [ ! -f "$f" ] || cp "$f" "$LOGS/call$k-$(basename "$f")"; done; }
     for stamp in $(resume_parts "$call" | cut -f1 | uniq); do
@@ -335,16 +360,16 @@ collect() {
 # whole jobs, the most recently written first, up to $RESUME_KEEP_MIB. The .gpu/resume-* go once
 # the new set is written (restore reads copies: a failure on the way loses nothing).
 keep_resume() {
-  local tmp stamp set
+  local tmp stamp set study
   tmp=$(mktemp -d)
   take_resume  # a set that no pack moved out: the oldest state of all
   mkdir -p "$tmp/device/staged"
   for set in .gpu/resume-*; do if [ -d "$set" ]; then cp -r "$set" "$tmp/device/staged/"; fi; done
   (cd "$tmp" && RUNS=$tmp/device restore "$tmp/jobs" > /dev/null)
   if [ -d "$tmp/jobs" ]; then
-    mkdir -p "$tmp/jobs/experiment-gpu" "$tmp/jobs/traffic-gpu"
-    ln -s "$PWD/results/experiment-gpu/cache" "$tmp/jobs/experiment-gpu/cache"  # finished: its result is here
-    ln -s "$PWD/results/traffic/gpu/cache" "$tmp/jobs/traffic-gpu/cache"
+    for study in $(studies); do  # finished: its result is here
+      mkdir -p "$tmp/jobs/$study" && ln -s "$PWD/$(kept_cache "$study")" "$tmp/jobs/$study/cache"
+    done
     unfinished "$tmp/jobs" "$RESUME_KEEP_MIB" > "$tmp/kept"  # files
     sed 's|/[^/]*$||' "$tmp/kept" | sort -u > "$tmp/kept-jobs"
     unfinished "$tmp/jobs" 1048576 | sed 's|/[^/]*$||' | sort -u > "$tmp/all-jobs"
@@ -364,7 +389,7 @@ keep_resume() {
 stop() {
   running && kill -- -"$(cat "$RUNS/runner.pid")" 2> /dev/null || true
   pkill -f "nvidia-smi --query-gpu=timestamp" 2> /dev/null || true
-  .venv/bin/ray stop --force > /dev/null 2>&1 || true
+  stop_ray
   stop_mps
   rm -f "$RUNS/runner.pid"
 }

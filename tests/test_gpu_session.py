@@ -96,7 +96,7 @@ def test_go_starts_the_work_once_and_a_later_call_finds_it_running_on(tmp_path):
     fake = venv / "fedcollm"
     fake.write_text(f"""#!/bin/bash
 echo "$*" >> {runs}/calls
-out=$(echo "$*" | sed 's/.*--out //')
+out=$(echo "$*" | sed 's/.*--out \\([^ ]*\\).*/\\1/')
 for i in $(seq 150); do [ -e {runs}/release ] && break; sleep 0.2; done
 mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json"; echo "a job is done"
 """)
@@ -114,12 +114,19 @@ mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json"; echo "a 
     said = bash("go 20", tmp_path, OUT=str(second), **env)
     assert "runs on" in said and "steps: all done" in said
     calls = (runs / "calls").read_text().splitlines()
-    assert len(calls) == 3  # table, aux_size, traffic: each started once, none again by the second call
+    assert len(calls) == 5  # table, 2 probes, aux_size, traffic: each started once, none again by the second call
     assert "--datasets arc_easy,openbookqa,commonsense_qa,arc_challenge" in calls[0]
-    assert "--aux-fractions" in calls[1] and "--traffic-grid" in calls[2]
+    # The CommonsenseQA probe: the LLM alone on a fifth of the data, 1 and 5 local epochs side by
+    # side, scored on items held out of the training split, never on test.
+    probes = sorted(calls[1:3], key=lambda c: "local_epochs=5" in c)
+    for epochs, call in zip((1, 5), probes):
+        assert f"client.local_epochs={epochs}" in call and "--methods centralized" in call, call
+        assert 'data.eval_split="train_holdout"' in call and "data.max_train_examples=1848" in call, call
+    assert "--aux-fractions" in calls[3] and "--traffic-grid" in calls[4]
     subprocess.run(["tar", "xzf", second / "gpu-session.tgz", "-C", tmp_path], check=True)
     shipped = tmp_path / "gpu-out"
-    for path in ("experiment-gpu/cache/d/m/seed0.json", "traffic-gpu/cache/d/m/seed0.json", "steps.log"):
+    for path in ("experiment-gpu/cache/d/m/seed0.json", "probe-gpu/cache/d/m/seed0.json",
+                 "traffic-gpu/cache/d/m/seed0.json", "steps.log", "probe-e5.log"):
         assert (shipped / path).is_file(), path
     # No MPS daemon on this machine: the work ran without, and the log says why.
     assert "steps: CUDA MPS: no nvidia-cuda-mps-control here: off" in (shipped / "steps.log").read_text()
@@ -143,6 +150,7 @@ def test_a_sessions_calls_send_back_different_jobs_and_the_newest_state_of_each_
     (runs / "logs").mkdir(parents=True)
     (runs / "logs" / "device.txt").write_text("restored 1 job files from /tmp/x/staged/resume-20250101T000000000\n")
     finished = job(runs, "experiment-gpu", "obqa/fedavg/seed0-a-v", {"checkpoint.pt": 100}, finished=True)
+    job(runs, "probe-gpu", "csqa/centralized/seed0-x-v", {"centralized.pt": 100}, finished=True)
     # A set an earlier session committed: the job that finished this session, c at round 1 (which
     # moved on here), and p, which this session did not reach.
     earlier = tmp_path / "earlier"
@@ -182,6 +190,7 @@ def test_a_sessions_calls_send_back_different_jobs_and_the_newest_state_of_each_
     here = checkout("checkout")
     said = bash("collect " + " ".join(map(str, outs)), here, LOGS="logs-s1")
     assert (here / "results/experiment-gpu/cache/obqa/fedavg/seed0-a-v.json").read_text() == "mine"
+    assert (here / "results/experiment-gpu/probe/cache/csqa/centralized/seed0-x-v.json").is_file()  # each study's own
     assert (here / "logs-s1" / "call4-device.txt").is_file()
     assert "kept 3 of 3 unfinished jobs' state" in said and "starts afresh" not in said
     kept = list((here / "results/experiment-gpu/resume").iterdir())
