@@ -198,30 +198,30 @@ steps() {
     if start_mps; then mps+=" on"; else mps+=" the daemon did not start: off"; fi
   else mps+=" off"; fi
   echo "$(date +%T) steps: CUDA MPS: $mps" >> "$RUNS/logs/steps.log"
-  step table experiment-gpu table --seeds 0,1,2 --jobs "$JOBS" --datasets "$TABLE_DATASETS"
+  step experiment-gpu table --seeds 0,1,2 --jobs "$JOBS" --datasets "$TABLE_DATASETS"
   stop_ray
   for epochs in 1 5; do  # side by side: 3 jobs each
-    step probe probe-gpu "probe-e$epochs" --seeds 0,1,2 --jobs 3 --datasets commonsense_qa --methods centralized \
+    step probe-gpu "probe-e$epochs" --seeds 0,1,2 --jobs 3 --datasets commonsense_qa --methods centralized \
       --set 'data.eval_split="train_holdout"' --set "data.max_train_examples=$PROBE_EXAMPLES" \
       --set "client.local_epochs=$epochs" &
   done
   wait
   stop_ray
-  step aux_size experiment-gpu aux_size --seeds 0,1,2 --jobs "$JOBS" --datasets arc_easy --aux-fractions 0.05,0.1,0.2,0.4
+  step experiment-gpu aux_size --seeds 0,1,2 --jobs "$JOBS" --datasets arc_easy --aux-fractions 0.05,0.1,0.2,0.4
   stop_ray
-  step traffic traffic-gpu traffic --seeds 0,1,2 --jobs "$JOBS" --datasets "$TRAFFIC_DATASET" \
+  step traffic-gpu traffic --seeds 0,1,2 --jobs "$JOBS" --datasets "$TRAFFIC_DATASET" \
     --set 'data.eval_split="validation"' --traffic-grid "$TRAFFIC_GRID"
   stop_ray
   stop_mps
   echo "$(date +%T) steps: all done" >> "$RUNS/logs/steps.log"
 }
 
-# One `fedcollm experiment` of the work: step name, study (its folder under $RUNS), log name, its
-# arguments. Each log line gets the time.
+# One `fedcollm experiment` of the work: its study (its folder under $RUNS), its name (that of its
+# log, LOGS/NAME.log, each line with the time), its arguments.
 step() {
-  local name=$1 study=$2 log=$3
-  shift 3
-  echo "$(date +%T) steps: $name ($log)" >> "$RUNS/logs/steps.log"
+  local study=$1 log=$2
+  shift 2
+  echo "$(date +%T) steps: $log" >> "$RUNS/logs/steps.log"
   .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml --out "$RUNS/$study" "$@" \
     > >(while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done >> "$RUNS/logs/$log.log") 2>&1 \
     || echo "$(date +%T) steps: $log stopped: rc $?" >> "$RUNS/logs/steps.log"
@@ -297,7 +297,7 @@ ship() {
 running() { [ -s "$RUNS/runner.pid" ] && kill -0 "$(cat "$RUNS/runner.pid")" 2> /dev/null; }
 
 go() {
-  local budget=${1:?go SECONDS} t0 study
+  local budget=${1:?go SECONDS} t0 study kept
   t0=$(date +%s)
   [ -d .gpu/table/src/fedcollm ] || { echo "gpu_session.sh go: no .gpu/table/src (run pack here, carry .gpu/table)" >&2; exit 2; }
   export FEDCOLLM_DATA=$PWD/.gpu/data PYTHONPATH=$PWD/.gpu/table/src \
@@ -311,8 +311,8 @@ go() {
       .venv/bin/python -c "import fedcollm.version as f; from importlib.metadata import version as v; print('fedcollm code', f.code_version()); print(*(f'{p} {v(p)}' for p in ('torch', 'transformers', 'peft', 'flwr', 'ray')), sep=', ')"
     } > "$RUNS/logs/device.txt" 2>&1 || true
     for study in $(studies); do  # what is done is not run again
-      mkdir -p "$RUNS/$study"
-      [ ! -d "$(kept_cache "$study")" ] || cp -rn "$(kept_cache "$study")" "$RUNS/$study"/ || true
+      mkdir -p "$RUNS/$study" && kept=$(kept_cache "$study")
+      [ ! -d "$kept" ] || cp -rn "$kept" "$RUNS/$study"/ || true
     done
     restore "$RUNS" >> "$RUNS/logs/device.txt" 2>&1 || echo "restore failed: the unfinished jobs start afresh" >> "$RUNS/logs/device.txt"
     pgrep -f "nvidia-smi --query-gpu=timestamp" > /dev/null || setsid nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
@@ -332,7 +332,7 @@ go() {
 # Its caches go into results/ (to commit) without replacing a result there, its logs (if LOGS names
 # a folder) into LOGS/callK-NAME, and the unfinished jobs' state into $RESUME_DIR (keep_resume).
 collect() {
-  local call k=0 stamp study
+  local call k=0 stamp study kept
   [ $# -gt 0 ] || { echo "usage: $0 collect CALL_FOLDER... (each call's files, in call order)" >&2; exit 2; }
   for call in "$@"; do
     k=$((k + 1))
@@ -340,8 +340,8 @@ collect() {
     [ -f "$call/gpu-session.tgz" ] && tar xzf "$call/gpu-session.tgz" -C runs \
       || echo "collect: $call has no gpu-session.tgz (its resume parts, if any, are kept)" >&2
     for study in $(studies); do
-      [ ! -d "runs/gpu-out/$study/cache" ] || { mkdir -p "$(kept_cache "$study")"
-        cp -rn "runs/gpu-out/$study/cache/." "$(kept_cache "$study")/"; }
+      kept=$(kept_cache "$study")
+      [ ! -d "runs/gpu-out/$study/cache" ] || { mkdir -p "$kept" && cp -rn "runs/gpu-out/$study/cache/." "$kept/"; }
     done
     [ -z "${LOGS:-}" ] || { mkdir -p "$LOGS"; for f in runs/gpu-out/*.log runs/gpu-out/*.txt runs/gpu-out/*.json; do
       [ ! -f "$f" ] || cp "$f" "$LOGS/call$k-$(basename "$f")"; done; }
