@@ -20,7 +20,7 @@ from fedcollm.data.encode import encode_for_training
 from fedcollm.config import load_config
 from fedcollm.experiment import methods
 from fedcollm.experiment.methods import LABELS, METHODS
-from fedcollm.experiment.tables import claims, fmt_mean_std
+from fedcollm.experiment.tables import claims, fmt_mean_std, items_scored
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,7 @@ def test_every_method_lands_in_the_tables(experiment):
     # Per-item scores travel with every result (the paired tests need them).
     assert len(res["fedcollm"]["0"]["slm"]["correct"]) == len(res["fedcollm"]["0"]["llm"]["correct"]) == 12
     assert "Paired bootstrap over the test items" in table
+    assert "Items scored (n, the same for every method and seed): mcq_jsonl 12\n" in table
     assert "ratio bytes up / full SLM fp32" in table
     assert (out / "table1.png").stat().st_size > 0
 
@@ -138,6 +139,16 @@ def test_centralized_sees_exactly_the_union_of_parts(smoke_cfg):
 ])
 def test_mean_std_format(values, text):
     assert fmt_mean_std(values) == text
+
+
+def test_the_table_counts_the_items_scored_and_refuses_results_scored_on_different_ones():
+    def r(n_slm, n_llm=None):
+        return {"slm": {"acc": 0.5, "correct": [1] * n_slm}, "llm": n_llm and {"acc": 0.5, "correct": [0] * n_llm}}
+
+    assert items_scored("d", {"zero_shot": {"all": r(2376, 2376)}, "standalone": {"0": r(2376)}}) == "2,376"
+    assert items_scored("d", {"fedcollm": {"0": {"slm": {"acc": 0.5}, "llm": None}}}) == "–"  # none kept
+    with pytest.raises(ValueError, match="d: results scored on different numbers of items: \\[500, 2376\\]"):
+        items_scored("d", {"zero_shot": {"all": r(2376, 2376)}, "fedcollm": {"0": r(500, 500)}})
 
 
 def test_claims_are_computed_from_the_numbers():

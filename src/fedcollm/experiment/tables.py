@@ -212,6 +212,23 @@ def split_words(split: str, datasets: list[str]) -> str:
     return f"{split} split" + (f" ({notes})" if notes else "")
 
 
+def train_words(max_train_examples: int) -> str:
+    """What the five parts were cut from: 0 means the whole training split."""
+    if max_train_examples:
+        return f"the first {max_train_examples:,} shuffled training examples"
+    return "all the shuffled training examples"
+
+
+def items_scored(dataset: str, per_method: dict) -> str:
+    """How many items a dataset's results were scored on ('2,376'), read off their per-item scores,
+    which every result since the paired test keeps; '–' where none has them."""
+    counts = {len(r[model]["correct"]) for seeds in per_method.values() for r in seeds.values()
+              for model in ("slm", "llm") if (r.get(model) or {}).get("correct")}
+    if len(counts) > 1:  # a table's methods are scored on one split: refuse rather than print one n
+        raise ValueError(f"{dataset}: results scored on different numbers of items: {sorted(counts)}")
+    return f"{counts.pop():,}" if counts else "–"
+
+
 def table1(results: dict, meta: dict) -> str:
     datasets, methods = meta["datasets"], meta["methods"]
     cfg, n_seeds = meta["config"], len(meta["seeds"])
@@ -225,11 +242,13 @@ def table1(results: dict, meta: dict) -> str:
         f"{'' if cfg['model']['slm'] else str(cfg['model']['slm_keep_first']) + ' + last ' + str(cfg['model']['slm_keep_last']) + ' layers'}`; "
         f"LoRA r={cfg['lora']['r']}, α={cfg['lora']['alpha']} on {', '.join(cfg['lora']['target_modules'])}  ",
         f"Data: {cfg['data']['num_clients']} clients; training split cut into {cfg['data']['num_clients'] + 1} "
-        f"equal parts ({cfg['data']['partition']}) of the first {cfg['data']['max_train_examples'] or 'all'} "
-        f"shuffled training examples; evaluated on {cfg['data']['eval_examples'] or 'all'} items of the "
+        f"equal parts ({cfg['data']['partition']}) of {train_words(cfg['data']['max_train_examples'])}; "
+        f"evaluated on {cfg['data']['eval_examples'] or 'all'} items of the "
         f"{split_words(cfg['data']['eval_split'], datasets)}; {cfg['federation']['rounds']} rounds × "
         f"{cfg['client']['local_epochs']} local epoch(s); KD λ={cfg['distill']['kd_lambda']}, "
-        f"τ={cfg['distill']['temperature']}", "",
+        f"τ={cfg['distill']['temperature']}  ",
+        "Items scored (n, the same for every method and seed): "
+        + "; ".join(f"{d} {items_scored(d, results[d])}" for d in datasets), "",
         "## SLM (client model), acc", "", *_block(results, datasets, methods, "slm", "acc", n_seeds), "",
         "## LLM (server model), acc", "", *_block(results, datasets, methods, "llm", "acc", n_seeds), "",
         "## SLM, acc_norm", "", *_block(results, datasets, methods, "slm", "acc_norm", n_seeds), "",
