@@ -18,8 +18,7 @@
 #   here, after:  bash scripts/gpu_session.sh collect CALL_FOLDER...  # each call's files, in call order:
 #           its caches into results/, the unfinished jobs' state into $RESUME_DIR (commit both)
 #
-# The work: a measure of whether CUDA MPS speeds up JOBS jobs at once (benchmarks/concurrent_jobs.py;
-# the work runs under MPS where it does, see MPS below), then issue #12's Table 1
+# The work, under CUDA MPS (see MPS below): issue #12's Table 1
 # (configs/experiment-gpu.toml, 6 jobs at once), then a probe of its CommonsenseQA column
 # (PROBE_EXAMPLES below), then its auxiliary-size study, then issue #14's second dataset: accuracy
 # against traffic on OpenBookQA's validation split at full scale. Each study starts from its
@@ -64,11 +63,14 @@ PROBE_EXAMPLES=${PROBE_EXAMPLES:-1848}  # a fifth of CommonsenseQA's 9,741 train
 STUDIES="experiment-gpu=results/experiment-gpu/cache probe-gpu=results/experiment-gpu/probe/cache traffic-gpu=results/traffic/gpu/cache"
 SHIP_S=${SHIP_S:-20}  # what `go` leaves of its SECONDS to send back the work's state
 # CUDA MPS for the work (benchmarks/concurrent_jobs.py): without it the GPU runs the kernels of one
-# process at a time, and each of the JOBS launch-bound jobs keeps only a few of its SMs busy. auto:
-# first time JOBS jobs' SFT steps with and without (~90 s of GPU time, once per machine) and use it
-# if it is MPS_GAIN times as fast; on; off. Where clients train is not in a config's digest, and
-# MPS runs the same kernels: the table's cache entries stay those of the same jobs.
-MPS=${MPS:-auto}
+# process at a time, and each of the JOBS launch-bound jobs keeps only a few of its SMs busy. on
+# (where the host has the daemon); off; auto: first time JOBS jobs' SFT steps with and without (~80 s
+# of GPU time, once per machine) and use it if it is MPS_GAIN times as fast. On by default since
+# session 24: auto measured 1.24x on an H200 (results/bench/README.md), and the table's six
+# CommonsenseQA FedCoLLM-like jobs side by side took 272-291 s each under MPS against 370-380 s
+# without (sessions 24 and 23): auto's 80 s are better spent on the work. Where clients train is not
+# in a config's digest, and MPS runs the same kernels: the table's cache entries stay those of the same jobs.
+MPS=${MPS:-on}
 MPS_GAIN=${MPS_GAIN:-1.2}  # above the noise of a 10-s measure
 MPS_DIR=${MPS_DIR:-/tmp/fedcollm-mps}
 # Unfinished jobs' state sent back per call (files of 15 MiB; a call returns 8 files of ≤ 16 MiB,
@@ -232,8 +234,9 @@ stop_ray() { .venv/bin/ray stop --force > /dev/null 2>&1 || true; }
 
 # Whether the work should run under MPS ($MPS); the reason, for the steps log, on stdout.
 use_mps() {
-  case $MPS in on) echo "MPS=on:"; return 0 ;; off) echo "MPS=off:"; return 1 ;; esac
+  [ "$MPS" = off ] && { echo "MPS=off:"; return 1; }
   command -v nvidia-cuda-mps-control > /dev/null || { echo "no nvidia-cuda-mps-control here:"; return 1; }
+  [ "$MPS" = on ] && { echo "MPS=on:"; return 0; }
   PYTHONPATH=$PWD/src timeout 600 .venv/bin/python benchmarks/concurrent_jobs.py --procs "$JOBS" \
     --out "$RUNS/logs/concurrent_jobs.json" > "$RUNS/logs/concurrent_jobs.log" 2>&1
   mps_pays "$RUNS/logs/concurrent_jobs.json"
