@@ -67,7 +67,7 @@ SHIP_S=${SHIP_S:-20}  # what `go` leaves of its SECONDS to send back the work's 
 # (where the host has the daemon); off; auto: first time JOBS jobs' SFT steps with and without (~80 s
 # of GPU time, once per machine) and use it if it is MPS_GAIN times as fast. On by default since
 # session 24: auto measured 1.24x on an H200 (results/bench/README.md), and the table's six
-# CommonsenseQA FedCoLLM-like jobs side by side took 272-291 s each under MPS against 370-380 s
+# CommonsenseQA FedCoLLM variants side by side took 258-291 s each under MPS against 370-380 s
 # without (sessions 24 and 23): auto's 80 s are better spent on the work. Where clients train is not
 # in a config's digest, and MPS runs the same kernels: the table's cache entries stay those of the same jobs.
 MPS=${MPS:-on}
