@@ -59,6 +59,14 @@ TRAFFIC_GRID=${TRAFFIC_GRID:-"modules=all;r=4,8,16;transport=int4 | modules=all;
 # LLM alone (centralized) on a fifth of the training split, for 1 and for 5 local epochs (3 and 15
 # passes: ~174 and ~870 steps), scored on the 500 items held out of the training split (never test).
 PROBE_EXAMPLES=${PROBE_EXAMPLES:-1848}  # a fifth of CommonsenseQA's 9,741 training examples less the 500 held out
+# Each step's arguments to `fedcollm experiment`, shared by the work (go) and its tables (report).
+TABLE_ARGS=(--seeds 0,1,2 --datasets "$TABLE_DATASETS")
+AUX_ARGS=(--seeds 0,1,2 --datasets arc_easy --aux-fractions 0.05,0.1,0.2,0.4)
+TRAFFIC_ARGS=(--seeds 0,1,2 --datasets "$TRAFFIC_DATASET" --set 'data.eval_split="validation"' --traffic-grid "$TRAFFIC_GRID")
+probe_args() {  # $1: local epochs; sets PROBE_ARGS
+  PROBE_ARGS=(--seeds 0,1,2 --datasets commonsense_qa --methods centralized --set 'data.eval_split="train_holdout"'
+              --set "data.max_train_examples=$PROBE_EXAMPLES" --set "client.local_epochs=$1")
+}
 # The work's studies: each one's folder under $RUNS, and where its cache is kept here (committed).
 STUDIES="experiment-gpu=results/experiment-gpu/cache probe-gpu=results/experiment-gpu/probe/cache traffic-gpu=results/traffic/gpu/cache"
 SHIP_S=${SHIP_S:-20}  # what `go` leaves of its SECONDS to send back the work's state
@@ -200,19 +208,17 @@ steps() {
     if start_mps; then mps+=" on"; else mps+=" the daemon did not start: off"; fi
   else mps+=" off"; fi
   echo "$(date +%T) steps: CUDA MPS: $mps" >> "$RUNS/logs/steps.log"
-  step experiment-gpu table --seeds 0,1,2 --jobs "$JOBS" --datasets "$TABLE_DATASETS"
+  step experiment-gpu table "${TABLE_ARGS[@]}" --jobs "$JOBS"
   stop_ray
   for epochs in 1 5; do  # side by side: 3 jobs each
-    step probe-gpu "probe-e$epochs" --seeds 0,1,2 --jobs 3 --datasets commonsense_qa --methods centralized \
-      --set 'data.eval_split="train_holdout"' --set "data.max_train_examples=$PROBE_EXAMPLES" \
-      --set "client.local_epochs=$epochs" &
+    probe_args "$epochs"
+    step probe-gpu "probe-e$epochs" "${PROBE_ARGS[@]}" --jobs 3 &
   done
   wait
   stop_ray
-  step experiment-gpu aux_size --seeds 0,1,2 --jobs "$JOBS" --datasets arc_easy --aux-fractions 0.05,0.1,0.2,0.4
+  step experiment-gpu aux_size "${AUX_ARGS[@]}" --jobs "$JOBS"
   stop_ray
-  step traffic-gpu traffic --seeds 0,1,2 --jobs "$JOBS" --datasets "$TRAFFIC_DATASET" \
-    --set 'data.eval_split="validation"' --traffic-grid "$TRAFFIC_GRID"
+  step traffic-gpu traffic "${TRAFFIC_ARGS[@]}" --jobs "$JOBS"
   stop_ray
   stop_mps
   echo "$(date +%T) steps: all done" >> "$RUNS/logs/steps.log"
@@ -388,6 +394,45 @@ keep_resume() {
   rm -rf "$tmp" .gpu/resume-*
 }
 
+# Here, after collect: each step's tables, figures and JSON from the committed caches, beside its
+# cache (the probe's two runs in probe/epochs-1 and probe/epochs-5). The checkout's code writes them
+# from what the pinned code computed: experiment/tables.py only formats, and is left out of the
+# code version. bf16 as on the GPU: the cached results' config digests hold the dtype it resolved
+# to, and "auto" here would look for fp32 ones. A step with nothing cached yet writes nothing.
+report() {
+  local epochs
+  report_step experiment-gpu "" "${TABLE_ARGS[@]}"
+  report_step experiment-gpu "" "${AUX_ARGS[@]}"
+  for epochs in 1 5; do
+    probe_args "$epochs"
+    report_step probe-gpu "epochs-$epochs" "${PROBE_ARGS[@]}"
+  done
+  report_step traffic-gpu "" "${TRAFFIC_ARGS[@]}"
+}
+
+# One step's report: study, subfolder its files move to ("" leaves them beside the cache), arguments.
+report_step() {
+  local study=$1 sub=$2 out log before new cached file
+  shift 2
+  out=$(dirname "$(kept_cache "$study")") log=$(mktemp)
+  before=$(ls "$out" 2> /dev/null || true)
+  .venv/bin/fedcollm experiment --config configs/experiment-gpu.toml "$@" --report-only \
+    --set 'model.dtype="bfloat16"' --out "$out" > "$log" 2>&1 || { cat "$log" >&2; rm -f "$log"; return 1; }
+  new=$(comm -13 <(sort <<< "$before") <(ls "$out" | sort)) cached=$(grep -c ": cached" "$log" || true)
+  if [ "$cached" = 0 ]; then
+    for file in $new; do rm -rf "${out:?}/$file"; done
+    rmdir "$out" 2> /dev/null || true
+    echo "report: $study ${*:1:4}...: nothing cached yet, nothing written"
+  elif [ -n "$sub" ]; then
+    mkdir -p "$out/$sub"
+    for file in $new; do [ "$file" = cache ] || mv "$out/$file" "$out/$sub/"; done
+    echo "report: $study ${*:1:4}...: $cached cached, written to $out/$sub"
+  else
+    echo "report: $study ${*:1:4}...: $cached cached, written to $out"
+  fi
+  rm -f "$log"
+}
+
 # Ends the detached work (a dry run on a machine that is not given back at the session's end).
 stop() {
   running && kill -- -"$(cat "$RUNS/runner.pid")" 2> /dev/null || true
@@ -404,6 +449,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # sourced (tests/test_gpu_session.py): 
     go) go "${2:-}" ;;
     stop) stop ;;
     collect) shift; collect "$@" ;;
-    *) echo "usage: $0 pack | stage FOLDER | go SECONDS | stop | collect CALL_FOLDER..." >&2; exit 2 ;;
+    report) report ;;
+    *) echo "usage: $0 pack | stage FOLDER | go SECONDS | stop | collect CALL_FOLDER... | report" >&2; exit 2 ;;
   esac
 fi

@@ -262,3 +262,44 @@ def test_the_mps_measure_waits_past_the_librarys_own_lines_and_reports_a_jobs_tr
     with pytest.raises(RuntimeError, match="before its first step") as failed:
         concurrent_jobs.wait_ready(bad, deadline=__import__("time").monotonic() + 30)
     assert str(failed.value).endswith("ValueError: no such split") and "it/s]" not in str(failed.value)
+
+
+def test_report_writes_each_steps_tables_beside_its_cache_from_the_works_own_arguments(tmp_path):
+    """`report` runs each step's `fedcollm experiment` (the same arguments as `go`) with
+    --report-only and the GPU's bf16 over the committed caches: the table and the aux-size study
+    beside results/experiment-gpu/cache, the probe's two runs in probe/epochs-1 and -5, and a step
+    with nothing cached yet (here the traffic step) leaves no files behind."""
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    calls = tmp_path / "calls"
+    fake = venv / "fedcollm"  # a stand-in: a result is cached unless it is the traffic step's
+    fake.write_text(f"""#!/bin/bash
+echo "$*" >> {calls}
+out=$(echo "$*" | sed 's/.*--out \\([^ ]*\\).*/\\1/')
+mkdir -p "$out/cache"
+case "$*" in
+  *--traffic-grid*) echo "x: not computed yet (left out of the tables)"; touch "$out/traffic.md" ;;
+  *--aux-fractions*) echo "x: cached (code v)"; touch "$out/aux_size.md" ;;
+  *) echo "x: cached (code v)"; touch "$out/table1.md" "$out/results.json" ;;
+esac
+""")
+    fake.chmod(0o755)
+    (tmp_path / "results" / "experiment-gpu" / "cache").mkdir(parents=True)
+    (tmp_path / "results" / "experiment-gpu" / "probe" / "cache").mkdir(parents=True)
+    (tmp_path / "results" / "traffic").mkdir()  # the CPU sweep's folder; traffic-gpu's gpu/ is not there yet
+    said = bash("report", tmp_path)
+    experiment = tmp_path / "results" / "experiment-gpu"
+    assert sorted(p.name for p in experiment.iterdir()) == ["aux_size.md", "cache", "probe", "results.json", "table1.md"]
+    for epochs in (1, 5):
+        assert sorted(p.name for p in (experiment / "probe" / f"epochs-{epochs}").iterdir()) == ["results.json", "table1.md"]
+    assert sorted(p.name for p in (experiment / "probe").iterdir()) == ["cache", "epochs-1", "epochs-5"]
+    assert list((tmp_path / "results" / "traffic").iterdir()) == []  # nothing cached: gpu/ made and removed
+    assert "nothing cached yet, nothing written" in said
+    done = calls.read_text().splitlines()
+    assert len(done) == 5 and all("--report-only --set model.dtype=\"bfloat16\"" in c for c in done)
+    # The same arguments as the work's: the go test checks those of the steps.
+    assert "--datasets arc_easy,openbookqa,commonsense_qa,arc_challenge" in done[0]
+    assert "--aux-fractions 0.05,0.1,0.2,0.4" in done[1]
+    assert "client.local_epochs=1" in done[2] and "client.local_epochs=5" in done[3]
+    assert "data.max_train_examples=1848" in done[2] and "--methods centralized" in done[3]
+    assert "--traffic-grid" in done[4] and "--out results/traffic/gpu" in done[4]
