@@ -19,9 +19,10 @@
 #           its caches into results/, the unfinished jobs' state into $RESUME_DIR (commit both)
 #
 # The work, under CUDA MPS (see MPS below): issue #12's Table 1
-# (configs/experiment-gpu.toml, 6 jobs at once), then a probe of its CommonsenseQA column
-# (PROBE_EXAMPLES below), then its auxiliary-size study, then issue #14's second dataset: accuracy
-# against traffic on OpenBookQA's validation split at full scale. Each study starts from its
+# (configs/experiment-gpu.toml, 6 jobs at once), then its auxiliary-size study, then a probe of its
+# CommonsenseQA column (PROBE_EXAMPLES below), then issue #14's second dataset: accuracy against
+# traffic on OpenBookQA's validation split at full scale. What the issues ask for comes first;
+# the probe, which only explains a column, after #12's parts (session 24). Each study starts from its
 # committed cache (STUDIES below). Each step starts when the one before has nothing left to run.
 # The work runs detached from the call that starts it, on across calls while the machine stays
 # warm: a later `go` of the session only waits and sends back a fresh snapshot. What the session's
@@ -210,13 +211,13 @@ steps() {
   echo "$(date +%T) steps: CUDA MPS: $mps" >> "$RUNS/logs/steps.log"
   step experiment-gpu table "${TABLE_ARGS[@]}" --jobs "$JOBS"
   stop_ray
+  step experiment-gpu aux_size "${AUX_ARGS[@]}" --jobs "$JOBS"
+  stop_ray
   for epochs in 1 5; do  # side by side: 3 jobs each
     probe_args "$epochs"
     step probe-gpu "probe-e$epochs" "${PROBE_ARGS[@]}" --jobs 3 &
   done
   wait
-  stop_ray
-  step experiment-gpu aux_size "${AUX_ARGS[@]}" --jobs "$JOBS"
   stop_ray
   step traffic-gpu traffic "${TRAFFIC_ARGS[@]}" --jobs "$JOBS"
   stop_ray

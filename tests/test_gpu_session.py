@@ -114,15 +114,15 @@ mkdir -p "$out/cache/d/m" && echo '{{}}' > "$out/cache/d/m/seed0.json"; echo "a 
     said = bash("go 20", tmp_path, OUT=str(second), **env)
     assert "runs on" in said and "steps: all done" in said
     calls = (runs / "calls").read_text().splitlines()
-    assert len(calls) == 5  # table, 2 probes, aux_size, traffic: each started once, none again by the second call
+    assert len(calls) == 5  # table, aux_size, 2 probes, traffic: each started once, none again by the second call
     assert "--datasets arc_easy,openbookqa,commonsense_qa,arc_challenge" in calls[0]
+    assert "--aux-fractions" in calls[1] and "--traffic-grid" in calls[4]
     # The CommonsenseQA probe: the LLM alone on a fifth of the data, 1 and 5 local epochs side by
     # side, scored on items held out of the training split, never on test.
-    probes = sorted(calls[1:3], key=lambda c: "local_epochs=5" in c)
+    probes = sorted(calls[2:4], key=lambda c: "local_epochs=5" in c)
     for epochs, call in zip((1, 5), probes):
         assert f"client.local_epochs={epochs}" in call and "--methods centralized" in call, call
         assert 'data.eval_split="train_holdout"' in call and "data.max_train_examples=1848" in call, call
-    assert "--aux-fractions" in calls[3] and "--traffic-grid" in calls[4]
     subprocess.run(["tar", "xzf", second / "gpu-session.tgz", "-C", tmp_path], check=True)
     shipped = tmp_path / "gpu-out"
     for path in ("experiment-gpu/cache/d/m/seed0.json", "probe-gpu/cache/d/m/seed0.json",
