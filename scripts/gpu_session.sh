@@ -17,6 +17,7 @@
 # 78 s of device time and `go` installed in ~35 s.)
 #   here, after:  bash scripts/gpu_session.sh collect CALL_FOLDER...  # each call's files, in call order:
 #           its caches into results/, the unfinished jobs' state into $RESUME_DIR (commit both)
+#           bash scripts/gpu_session.sh report                  # each step's tables from those caches
 #
 # The work, under CUDA MPS (see MPS below): issue #12's Table 1
 # (configs/experiment-gpu.toml, 6 jobs at once), then its auxiliary-size study, then a probe of its
