@@ -20,7 +20,7 @@ from fedcollm.data.encode import encode_for_training
 from fedcollm.config import load_config
 from fedcollm.experiment import methods
 from fedcollm.experiment.methods import LABELS, METHODS
-from fedcollm.experiment.tables import claims, fmt_mean_std, items_scored
+from fedcollm.experiment.tables import aux_size_table, claims, fmt_mean_std, items_scored
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +149,34 @@ def test_the_table_counts_the_items_scored_and_refuses_results_scored_on_differe
     assert items_scored("d", {"fedcollm": {"0": {"slm": {"acc": 0.5}, "llm": None}}}) == "–"  # none kept
     with pytest.raises(ValueError, match="d: results scored on different numbers of items: \\[500, 2376\\]"):
         items_scored("d", {"zero_shot": {"all": r(2376, 2376)}, "fedcollm": {"0": r(500, 500)}})
+
+
+def test_the_aux_size_table_gives_each_share_and_its_difference_from_the_papers_20_percent():
+    """Mean ± std per share, then each other share against 20% by the paired bootstrap: a share
+    that gets every item right where 20% gets half is +50 points, significantly; one that scores
+    the same items as 20% is +0.0 and not significant; a share with no LLM items says so."""
+    half = [0] * 100 + [1] * 100
+
+    def r(slm, llm, aux):
+        return {"slm": {"acc": sum(slm) / 200, "acc_norm": 0.5, "correct": slm},
+                "llm": llm and {"acc": sum(llm) / 200, "acc_norm": 0.5, "correct": llm}, "aux_examples": aux}
+
+    results = {"0.05": {"fedcollm": {"0": r(half, None, 112), "1": r(half, None, 112)}},
+               "0.2": {"fedcollm": {"0": r(half, half, 450), "1": r(half, half, 450)}},
+               "0.4": {"fedcollm": {"0": r([1] * 200, half, 900), "1": r([1] * 200, half, 900)}}}
+    meta = {"dataset": "arc_easy", "fractions": [0.05, 0.2, 0.4], "methods": ["fedcollm"], "seeds": [0, 1],
+            "command": "fedcollm experiment --aux-fractions 0.05,0.2,0.4", "code_version": "v", "git_commit": "c" * 40,
+            "result_versions": {"v": 6},
+            "config": {"data": {"num_clients": 4, "eval_examples": 0, "eval_split": "test"}}}
+    table = aux_size_table(results, meta)
+    assert "| 40% | 900 | FedCoLLM | 100.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in table
+    against = table.split("## Against the paper's 20%")[1]
+    row = re.search(r"\| 40% \| FedCoLLM \| \+50\.0 \[\+([\d.]+), \+([\d.]+)\] \(2 seeds\) \| "
+                    r"\+0\.0 \[\+0\.0, \+0\.0\] \(2 seeds\), n\.s\. \|", against)
+    assert row and 40 < float(row[1]) < 50 < float(row[2]) < 60, against  # half the items flip: ±~7 points
+    assert "| 5% | FedCoLLM | +0.0 [+0.0, +0.0] (2 seeds), n.s. | – |" in against
+    del meta["fractions"][1]  # without the paper's share there is nothing to compare against
+    assert "Against the paper's" not in aux_size_table(results, meta)
 
 
 def test_claims_are_computed_from_the_numbers():

@@ -321,7 +321,38 @@ def aux_size_table(results: dict, meta: dict) -> str:
                      for model in ("slm", "llm")]
             lines.append(f"| {100 * f:g}% | {', '.join(map(str, sizes)) or '–'} | {LABELS.get(m, m)} | "
                          + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _aux_against_paper(results, meta)) + "\n"
+
+
+PAPER_AUX_SHARE = 0.2
+
+
+def _aux_against_paper(results: dict, meta: dict) -> list[str]:
+    """Each other share against the paper's 20%, by a paired bootstrap over the test items (the
+    same items for every share), pooled over the seeds both have: which differences are real."""
+    if PAPER_AUX_SHARE not in meta["fractions"]:
+        return []
+    dataset, metric = meta["dataset"], headline_metric(meta["dataset"])
+    key, rows = item_key(metric), []
+    for f in (f for f in meta["fractions"] if f != PAPER_AUX_SHARE):
+        for m in meta["methods"]:
+            cells = []
+            for model in ("slm", "llm"):
+                this, ref = results[str(f)][m], results[str(PAPER_AUX_SHARE)][m]
+                seeds = [s for s in sorted(this) if s in ref and (this[s].get(model) or {}).get(key)
+                         and (ref[s].get(model) or {}).get(key)]
+                if not seeds:
+                    cells.append("–")
+                    continue
+                iv = paired_bootstrap([this[s][model][key] for s in seeds], [ref[s][model][key] for s in seeds])
+                cells.append(f"{_ci(iv, 'diff')} ({len(seeds)} seeds){'' if iv.significant else ', n.s.'}")
+            rows.append(f"| {100 * f:g}% | {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return ["", f"## Against the paper's {100 * PAPER_AUX_SHARE:g}%", "",
+            f"{dataset} {metric}, in points: each share's accuracy minus that at {100 * PAPER_AUX_SHARE:g}%, "
+            f"paired bootstrap over the items scored ({BOOTSTRAP_SAMPLES} resamples, 95% interval, the "
+            "seeds both shares have pooled); n.s.: the interval covers 0.", "",
+            f"| aux share | method | SLM − at {100 * PAPER_AUX_SHARE:g}% | LLM − at {100 * PAPER_AUX_SHARE:g}% |",
+            "|---|---|---|---|", *rows]
 
 
 def plot_aux_size(results: dict, meta: dict, path: Path) -> None:
