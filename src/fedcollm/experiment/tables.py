@@ -328,7 +328,7 @@ PAPER_AUX_SHARE = 0.2
 
 
 def _aux_against_paper(results: dict, meta: dict) -> list[str]:
-    """Each other share against the paper's 20%, by a paired bootstrap over the test items (the
+    """Each other share against the paper's 20%, by a paired bootstrap over the items scored (the
     same items for every share), pooled over the seeds both have: which differences are real."""
     if PAPER_AUX_SHARE not in meta["fractions"]:
         return []
