@@ -61,12 +61,18 @@ def _paired(results: dict, dataset: str, a: str, b: str, model: str) -> list[tup
             if s in rb and ra[s].get(model) and rb[s].get(model)]
 
 
-def _items(results: dict, dataset: str, a: str, b: str, model: str) -> tuple[list[str], list, list]:
-    """Seeds where both methods kept per-item scores (headline metric), and those scores (seeds × items)."""
-    ra, rb, key = results[dataset].get(a, {}), results[dataset].get(b, {}), item_key(headline_metric(dataset))
+def _scored_pairs(ra: dict, rb: dict, model: str, key: str) -> tuple[list[str], list, list]:
+    """Seeds where both sides' results (seed → result) kept `model`'s per-item scores under `key`,
+    and those scores (seeds × items)."""
     seeds = [s for s in sorted(ra) if s in rb and (ra[s].get(model) or {}).get(key)
              and (rb[s].get(model) or {}).get(key)]
     return seeds, [ra[s][model][key] for s in seeds], [rb[s][model][key] for s in seeds]
+
+
+def _items(results: dict, dataset: str, a: str, b: str, model: str) -> tuple[list[str], list, list]:
+    """Seeds where both methods kept per-item scores (headline metric), and those scores (seeds × items)."""
+    return _scored_pairs(results[dataset].get(a, {}), results[dataset].get(b, {}), model,
+                         item_key(headline_metric(dataset)))
 
 
 def _ci(iv: Interval, statistic: str) -> str:
@@ -338,13 +344,11 @@ def _aux_against_paper(results: dict, meta: dict) -> list[str]:
         for m in meta["methods"]:
             cells = []
             for model in ("slm", "llm"):
-                this, ref = results[str(f)][m], results[str(PAPER_AUX_SHARE)][m]
-                seeds = [s for s in sorted(this) if s in ref and (this[s].get(model) or {}).get(key)
-                         and (ref[s].get(model) or {}).get(key)]
+                seeds, xa, xb = _scored_pairs(results[str(f)][m], results[str(PAPER_AUX_SHARE)][m], model, key)
                 if not seeds:
                     cells.append("–")
                     continue
-                iv = paired_bootstrap([this[s][model][key] for s in seeds], [ref[s][model][key] for s in seeds])
+                iv = paired_bootstrap(xa, xb)
                 cells.append(f"{_ci(iv, 'diff')} ({len(seeds)} seeds){'' if iv.significant else ', n.s.'}")
             rows.append(f"| {100 * f:g}% | {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     return ["", f"## Against the paper's {100 * PAPER_AUX_SHARE:g}%", "",
