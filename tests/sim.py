@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.common.serde import message_to_proto, recorddict_to_proto
 from ray import cloudpickle
 
@@ -19,13 +20,19 @@ def _sizes(msg) -> dict:
             "arrays": sum(a.numpy().nbytes for rec in msg.content.array_records.values() for a in rec.values())}
 
 
+def _masked_bytes(msg) -> int:
+    """The bytes of SecAgg+'s masked vectors in a reply as received (0 in any other reply)."""
+    record = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+    return sum(len(b) for b in record[Key.MASKED_PARAMETERS]) if record and Key.MASKED_PARAMETERS in record else 0
+
+
 def simulate(cfg, extra_mods=()) -> dict:
     """Run cfg; return per round the (num_examples, partition, arrays) the strategy's
-    aggregate_fit got, every reply message the server received, and the sizes of those that
-    carried arrays. Run errors propagate."""
+    aggregate_fit got, every reply message the server received, the sizes of those that carried
+    arrays, and of SecAgg+'s masked vectors as received. Run errors propagate."""
     for mod in extra_mods:  # Ray workers cannot import test modules: ship their code by value
         cloudpickle.register_pickle_by_value(sys.modules[mod.__module__])
-    seen: dict = {"fit_inputs": {}, "replies": [], "reply_sizes": []}
+    seen: dict = {"fit_inputs": {}, "replies": [], "reply_sizes": [], "masked_bytes": []}
 
     def observe(strategy, grid):
         aggregate_fit, send_and_receive = strategy.aggregate_fit, grid.send_and_receive
@@ -41,6 +48,7 @@ def simulate(cfg, extra_mods=()) -> dict:
             seen["replies"].extend(replies)
             # Sizes now: Flower's workflow empties a reply's arrays once it has read them.
             seen["reply_sizes"].extend(_sizes(r) for r in replies if r.has_content() and r.content.array_records)
+            seen["masked_bytes"].extend(_masked_bytes(r) for r in replies if _masked_bytes(r))
             return replies
 
         strategy.aggregate_fit = record_fit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import sys
 
@@ -126,3 +127,21 @@ def test_the_shipped_experiment_configs_load():
     assert gpu.model.dtype == "auto" and gpu.federation.client_gpus == "auto"
     cpu = load_config(root / "experiment-cpu.toml")
     assert cpu.data.max_train_examples > 0
+
+
+def test_secagg_settings_leave_the_digest_of_a_run_without_secagg_alone():
+    """Cached results are found by the config digest. SecAgg+'s settings change only a secure
+    run: the pins are the digests at c25649f, before auto levels (quantization_range 0) became
+    the default; a secure run with a lossy transport now has 7 levels, a new digest."""
+    plain = load_config()
+    assert plain.digest() == "f99497bb96eeb7fb"
+    for key, value in (("secagg_clipping_range", 2.0), ("secagg_quantization_range", 100),
+                       ("secagg_num_shares", 0.5), ("secagg_reconstruction_threshold", 0.5)):
+        changed = dataclasses.replace(plain, federation=dataclasses.replace(plain.federation, **{key: value}))
+        assert changed.digest() == plain.digest(), key
+    secure = load_config(overrides=["federation.secure_aggregation=true"])
+    explicit = load_config(overrides=["federation.secure_aggregation=true", "federation.secagg_quantization_range=4194304"])
+    assert explicit.digest() == "15ac724bc666da4c" and secure.digest() not in (explicit.digest(), plain.digest())
+    dp = load_config(overrides=["federation.secure_aggregation=true", 'privacy.mode="central-client-clipping"',
+                                "privacy.clipping_norm=1.0", "privacy.noise_multiplier=0.5", "federation.min_clients=4"])
+    assert dp.secagg_levels() == 2**22 and dp.digest() == "9590b061b71b3519"  # auto under fp32: as before

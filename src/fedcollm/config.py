@@ -153,10 +153,12 @@ class FederationConfig:
     # client part of the split (simulation, or a deployment whose server can compute the split);
     # a server with only data.aux_file must be told.
     max_client_examples: int = 0
-    # SecAgg+ (Flower's): every client value must lie in ±clipping_range (a client refuses,
-    # rather than let Flower clip silently); quantization_range levels over that range. LoRA
-    # values stay well under 1 (A starts at ±1/sqrt(fan_in), B at 0), so ±1 with 2^22 levels
-    # gives a step of 4.8e-7. Shares go to all sampled clients (num_shares = 1.0); any
+    # SecAgg+ (Flower's, federated/secagg.py): clients hand it a round's change in units of
+    # client lr × the largest client's steps (AdamW's bound on it), or the adapter itself under
+    # fp32, clipped to ±clipping_range and counted (secagg_clipped per round). quantization_range
+    # levels over that range; 0 = auto: 7 for changes (stochastic rounding is unbiased; 4 clients
+    # × 7 < 2^5, so 5 bits a value travel), 2^22 for the adapter itself (LoRA values stay well
+    # under 1: a step of 4.8e-7). Shares go to all sampled clients (num_shares = 1.0); any
     # reconstruction_threshold fraction of them (0.75: 3 of 4) can unmask the sum, so one
     # dropout in four is survived.
     # Adapter encoding on the wire: fp32 | fp16 (half the bytes) | int8 (+1 scale per tensor,
@@ -164,12 +166,12 @@ class FederationConfig:
     # auto: int4, or fp32 under differential privacy. Lossy encodings carry each round's
     # change, not the adapter (federated/reference.py); so sent, int4 scored the same items as
     # int8 (and int8 as fp32) on ARC-Easy validation in results/traffic/; DP needs fp32. See
-    # federated/transport.py. Under SecAgg+ the uplink carries SecAgg+'s own integers (as
-    # uint32): a client rounds its change to the transport's precision, then hands it to
+    # federated/transport.py. Under SecAgg+ the uplink carries SecAgg+'s own masked integers,
+    # bit-packed: a client rounds its change to the transport's precision, then hands it to
     # SecAgg+ in fp32 (so the aggregate equals the plain run's, within SecAgg+'s bound).
     transport: str = "auto"
     secagg_clipping_range: float = 1.0
-    secagg_quantization_range: int = 4194304
+    secagg_quantization_range: int = 0  # 0 = auto (above)
     secagg_num_shares: float = 1.0
     secagg_reconstruction_threshold: float = 0.75
 
@@ -225,6 +227,13 @@ class Config:
             return self.federation.transport
         return "fp32" if self.privacy.mode != "off" else "int4"
 
+    def secagg_levels(self) -> int:
+        """SecAgg+'s quantization levels, 0 (auto) resolved: 7 for a round's change (a lossy
+        transport sends changes), 2^22 for the adapter itself (fp32)."""
+        if self.federation.secagg_quantization_range:
+            return self.federation.secagg_quantization_range
+        return SECAGG_CHANGE_LEVELS if self.transport_mode() != "fp32" else SECAGG_ADAPTER_LEVELS
+
     def on_cuda(self, cuda_available: bool | None = None) -> bool:
         """model.device resolves to CUDA (models.loading.resolve_device), on this host or on one
         that has (cuda_available) or lacks CUDA."""
@@ -253,6 +262,10 @@ class Config:
         # client_gpus packs simulated clients into Ray actors: where they train, not what they
         # compute (a run on CUDA refuses 0). Hashed as "auto", the value every digest had.
         d["federation"]["client_gpus"] = "auto"
+        # SecAgg+'s settings change only a secure run: a plain one hashes them at the values every
+        # plain digest had; a secure one hashes its levels resolved (auto under fp32 is 2^22, as before).
+        d["federation"].update(SECAGG_UNUSED if not self.federation.secure_aggregation
+                               else {"secagg_quantization_range": self.secagg_levels()})
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "progress", "resume")}
         for (section, key), default in DIGEST_NEW_FIELDS.items():
             if d[section].get(key) == default:
@@ -288,6 +301,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+SECAGG_CHANGE_LEVELS, SECAGG_ADAPTER_LEVELS = 7, 2**22
+SECAGG_UNUSED = {"secagg_clipping_range": 1.0, "secagg_quantization_range": SECAGG_ADAPTER_LEVELS,
+                 "secagg_num_shares": 1.0, "secagg_reconstruction_threshold": 0.75}
 DIGEST_NEW_FIELDS: dict[tuple[str, str], Any] = {("model", "compile"): False, ("lora", "freeze_a"): False}
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -304,7 +320,7 @@ POSITIVE = {
     "client.lr", "client.batch_size", "distill.lr", "distill.batch_size", "distill.temperature",
     "federation.rounds", "federation.fraction_fit", "federation.client_cpus",
     "federation.round_timeout", "data.dirichlet_alpha", "data.topics", "data.holdout_examples",
-    "federation.secagg_clipping_range", "federation.secagg_quantization_range",
+    "federation.secagg_clipping_range",
     "federation.secagg_num_shares", "federation.secagg_reconstruction_threshold",
     "federation.min_clients", "federation.max_update_norm",
 }
@@ -312,7 +328,8 @@ NON_NEGATIVE = {
     "lora.dropout", "data.max_train_examples", "data.eval_examples", "distill.epochs",
     "distill.kd_lambda", "distill.top_k", "distill.ce_weight", "run.eval_batch_size",
     "model.slm_keep_first", "model.slm_keep_last", "client.weight_decay", "run.seed",
-    "run.eval_every", "federation.max_client_examples", "privacy.noise_multiplier", "privacy.clipping_norm",
+    "run.eval_every", "federation.max_client_examples", "federation.secagg_quantization_range",
+    "privacy.noise_multiplier", "privacy.clipping_norm",
     "privacy.target_epsilon",
 }
 

@@ -117,6 +117,10 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
         f"- full SLM in fp32: {c['full_slm_fp32_bytes']:,} bytes; per client and round, up "
         f"{100 * c['up_ratio_to_fp32_slm']:.3f}% and down {100 * c['down_ratio_to_fp32_slm']:.3f}% of it",
         f"- secure aggregation: {_secure_line(summary['secure_aggregation'])}",
+        *[f"- values the clients clipped to SecAgg+'s range (of {c['adapter_params']:,} each), by round: "
+          + "; ".join(f"{r['round']}: {r['secagg_clipped']:,} (largest {r.get('secagg_peak', float('nan')):.4g})"
+                      for r in rows if "secagg_clipped" in r)]
+        * any("secagg_clipped" in r for r in rows),
         f"- differential privacy: {_privacy_line(dp)}",
         "", f"Models: LLM `{summary['llm_model'] or 'none (no KD on the server)'}`, SLM `{summary['slm_model']}`; "
         f"{summary['num_clients']} clients; wall time {summary['wall_s']:.0f} s.",
@@ -149,8 +153,9 @@ def _client_devices(rows: list[dict]) -> list[str]:
 def _secure_line(secure) -> str:
     if not secure:
         return "off (plain FedAvg; the server sees each client's adapter)"
-    return (f"on, {secure['protocol']}: clipping ±{secure['clipping_range']}, "
-            f"{secure['quantization_range']} levels, shares {secure['num_shares']}, threshold "
+    return (f"on, {secure['protocol']}: values in units of {secure['value_scale']:.3g}, clipping "
+            f"±{secure['clipping_range']}, {secure['quantization_range']} levels, modulus 2^{secure['bits_per_value']} "
+            f"(bits a value), shares {secure['num_shares']}, threshold "
             f"{secure['reconstruction_threshold']}, max_weight {secure['max_weight']}; "
             + (f"max abs error vs FedAvg ≤ {secure['max_abs_error_bound']:.2e}" if secure['max_abs_error_bound']
                else "error bound unknown (the server does not know the clients' example counts)"))

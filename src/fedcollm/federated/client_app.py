@@ -15,9 +15,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedcollm import components
 from fedcollm.config import Config
 from fedcollm.errors import FedCoLLMError
-from fedcollm.federated import privacy, reference, transport
+from fedcollm.federated import privacy, reference, secagg, transport
 from fedcollm.federated.app_config import config_from_run_config
-from fedcollm.federated.secagg import check_in_range, narrow_masked_vectors
 from fedcollm.models.lora import adapter_to_ndarrays, frozen_a_digest, load_adapter_ndarrays
 from fedcollm.train.sft import sft
 
@@ -78,10 +77,13 @@ class SLMClient(NumPyClient):
         if cfg.federation.secure_aggregation:
             # SecAgg+ quantizes in the input's dtype (fp16 overflows) and sums across clients
             # (int8's and int4's per-client scales cannot be summed): hand it the values the
-            # transport would deliver (the change, for a lossy one), in fp32. Its own masked
-            # integers are what travels.
-            wire = transport.decode(wire, mode)
-            check_in_range(wire, cfg.federation.secagg_clipping_range, f"client {self.partition_id}")
+            # transport would deliver (the change, for a lossy one), in fp32, in the server's
+            # unit and range (federated/secagg.py). Its own masked integers are what travels.
+            who = f"client {self.partition_id}"
+            secagg.check_weight(weight, cap or weight, cfg.secagg_levels(), who)
+            wire, metrics["secagg_clipped"], metrics["secagg_peak"] = secagg.to_secagg_units(
+                transport.decode(wire, mode), float(config.get(secagg.SCALE, 1.0)),
+                cfg.federation.secagg_clipping_range, who)
             # SecAgg+ rounds stochastically with numpy's global RNG right after this returns.
             np.random.seed(seed % 2**32)
         return wire, weight, metrics
@@ -94,7 +96,7 @@ def secure_aggregation_mod(msg, context, call_next):
     """
     if SECAGG_CONFIGS in msg.content.config_records:
         reply = secaggplus_mod(msg, context, call_next)
-        narrow_masked_vectors(reply)  # half the uplink, losslessly (federated/secagg.py)
+        secagg.pack_masked_vectors(reply)  # the bits the modulus needs, losslessly (federated/secagg.py)
         return reply
     return call_next(msg, context)
 

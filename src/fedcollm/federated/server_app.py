@@ -49,9 +49,9 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds - strategy.offset),
                            strategy=strategy)
     fit_workflow = secagg.make_fit_workflow(cfg, strategy.max_examples) if secure else None
-    # Under SecAgg+ the workflow reads masked vectors widened back from the clients' uint32
-    # (counted as they travelled); plain rounds see the counting grid itself.
-    DefaultWorkflow(fit_workflow=fit_workflow)(secagg.WideningGrid(counting) if secure else counting, legacy)
+    # Under SecAgg+ the workflow reads masked vectors unpacked from the clients' bits (counted
+    # as they travelled); plain rounds see the counting grid itself.
+    DefaultWorkflow(fit_workflow=fit_workflow)(secagg.UnpackingGrid(counting) if secure else counting, legacy)
     strategy.rounds_bar.close()
     # tests: cut short after the last round's checkpoint, before the outputs
     maybe_kill("outputs", recorder.rows[-1]["round"] if recorder.rows else 0)
@@ -107,16 +107,27 @@ def _resume_state(cfg: Config, out: Path) -> dict | None:
 
 
 def _secure_settings(cfg: Config, strategy: FedCoLLMStrategy) -> dict:
-    """SecAgg+ parameters as reported, after checking the initial adapter fits the range."""
-    f = cfg.federation
+    """SecAgg+ parameters as reported, after checking that the initial adapter fits the range,
+    the masked sum fits Flower's largest modulus, and no client's weight rounds to 0."""
+    f, levels, w = cfg.federation, cfg.secagg_levels(), strategy.max_examples
     secagg.check_in_range(adapter_to_ndarrays(strategy.slm), f.secagg_clipping_range / 2,
                           "the initial global adapter (needs headroom to half the range)")
-    sizes = strategy.data.client_sizes  # None: the server does not know the clients' parts
+    mod = secagg.modulus(cfg.data.num_clients, levels)
+    if mod > 2**32:
+        raise FedCoLLMError(f"config: data.num_clients = {cfg.data.num_clients} × federation.secagg_quantization_range "
+                            f"= {levels} needs a SecAgg+ modulus of {mod}, above Flower's 2^32; use fewer levels")
+    # The server knows the parts in simulation (None: a deployment whose clients hold their own
+    # files); under DP every client weighs 1.
+    sizes = strategy.data.client_sizes if not strategy.privacy else [1] * cfg.data.num_clients
+    for k, n in enumerate(sizes or ()):
+        secagg.check_weight(n, w, levels, f"config: client {k}")
     return {"protocol": "SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow)",
-            "clipping_range": f.secagg_clipping_range, "quantization_range": f.secagg_quantization_range,
+            "clipping_range": f.secagg_clipping_range, "quantization_range": levels, "modulus": mod,
+            "bits_per_value": mod.bit_length() - 1, "value_scale": strategy.secagg_scale,
             "num_shares": f.secagg_num_shares, "reconstruction_threshold": f.secagg_reconstruction_threshold,
-            "max_weight": strategy.max_examples, "timeout_s": f.round_timeout,
-            "max_abs_error_bound": secagg.error_bound(cfg, list(sizes), strategy.max_examples) if sizes else None}
+            "max_weight": w, "timeout_s": f.round_timeout,
+            "weights_as_sent": secagg.weights_as_sent(list(sizes), w, levels) if sizes else None,
+            "max_abs_error_bound": secagg.error_bound(cfg, list(sizes), w) if sizes else None}
 
 
 def make_server_app(cfg: Config | None = None, observe=None) -> ServerApp:

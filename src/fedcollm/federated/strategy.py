@@ -38,7 +38,7 @@ from fedcollm.config import Config
 from fedcollm.crash import maybe_kill
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import evaluate
-from fedcollm.federated import privacy, reference, transport
+from fedcollm.federated import privacy, reference, secagg, transport
 from fedcollm.federated.validate import update_problem
 from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, frozen_a_digest, load_adapter_ndarrays
 from fedcollm.progress import progress_bar
@@ -94,12 +94,15 @@ class FedCoLLMStrategy(Strategy):
         # Under DP, clipping to C bounds every update (server-side mode clips after this check).
         self.max_update_norm = float("inf") if self.privacy else cfg.federation.max_update_norm
         f = cfg.federation
+        # Under SecAgg+: the unit clients hand it their values in, multiplied back on the mean.
+        self.secagg_scale = secagg.value_scale(cfg, self.max_examples) if f.secure_aggregation else 1.0
         self.averager = Averager(
             self._decode, uniform=self.privacy is not None,
             fraction_fit=f.fraction_fit, fraction_evaluate=0.0, min_fit_clients=f.min_clients,
             min_available_clients=f.min_clients, min_evaluate_clients=0,
             on_fit_config_fn=lambda rnd: {"round": rnd + self.offset, "max_examples": self.max_examples,
                                           "uniform_weights": self.privacy is not None,
+                                          **({secagg.SCALE: self.secagg_scale} if f.secure_aggregation else {}),
                                           # only when there is one: a run with A trained sends what it did
                                           **({"frozen_a": self.frozen_a} if self.frozen_a else {})})
         self.aggregator = privacy.wrap(self.averager, self.privacy)
@@ -144,7 +147,7 @@ class FedCoLLMStrategy(Strategy):
         """A client's adapter (with SecAgg+: the mean adapter), fp32, from what it sent."""
         arrays, mode = parameters_to_ndarrays(res.parameters), self.cfg.transport_mode()
         if self.cfg.federation.secure_aggregation:  # the unmasked aggregate, made on this server
-            arrays = [a.astype(np.float32) for a in arrays]
+            arrays = [(a * self.secagg_scale).astype(np.float32) for a in arrays]
         else:
             arrays = transport.decode(arrays, mode)
         return reference.restore(arrays, self.reference.held, mode)
@@ -220,6 +223,13 @@ class FedCoLLMStrategy(Strategy):
         stats["client_loss"] = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
         stats["client_examples"] = [r.num_examples for _, r, _ in accepted]
         stats["client_devices"] = sorted({str(r.metrics["device"]) for _, r, _ in accepted if "device" in r.metrics})
+        if self.cfg.federation.secure_aggregation:  # values the clients clipped to SecAgg+'s range
+            stats["secagg_clipped"] = sum(int(r.metrics.get("secagg_clipped", 0)) for _, r, _ in accepted)
+            stats["secagg_peak"] = max(float(r.metrics.get("secagg_peak", 0.0)) for _, r, _ in accepted)
+            if stats["secagg_clipped"]:
+                print(f"[fedcollm] round {rnd}: clients clipped {stats['secagg_clipped']} values to secure "
+                      f"aggregation's range ±{self.cfg.federation.secagg_clipping_range:g} (unit "
+                      f"{self.secagg_scale:.3g}; largest {stats['secagg_peak']:.4g})", flush=True)
         if not self.cfg.federation.secure_aggregation:  # ‖θ_k − θ_global‖ per client (e.g. to choose a DP clip)
             stats["update_norms"] = [float(np.sqrt(sum(np.sum(np.square(a.astype(np.float64) - g))
                                                        for a, g in zip(arrays, held)))) for _, _, arrays in accepted]
