@@ -362,7 +362,7 @@ collect() {
   done
   keep_resume
   echo "collect: results/experiment-gpu/cache holds $(find results/experiment-gpu/cache -name '*.json' | wc -l) results" \
-    "(commit them and $RESUME_DIR)"
+    "(commit them and $RESUME_DIR, then check the stop's size: bash scripts/submission_size.sh)"
 }
 
 # The unfinished jobs' state for the next session, as one folder $RESUME_DIR/resume-STAMP (parts of
