@@ -22,11 +22,14 @@ def test_grid_is_every_combination_with_paper_defaults_for_unnamed_axes():
                      Point("qv", 4, "fp32")]
     assert parse_grid("transport=int2;a=train,frozen") == [Point("all", 8, "int2"), Point("all", 8, "int2", True)]
     assert Point("all", 8, "int2", True).label == "all r8 int2 A-frozen"
+    assert parse_grid("transport=int4;secagg=off,on") == [Point("all", 8, "int4"), Point("all", 8, "int4", secure=True)]
+    assert Point("all", 8, "int4", secure=True).label == "all r8 int4 SecAgg+"
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("modules=qv;rank=4", "expected 'modules=…;r=…;transport=…;a=…'"),
+    ("modules=qv;rank=4", "expected 'modules=…;r=…;transport=…;a=…;secagg=…'"),
     ("a=fixed", "a 'fixed' is not one of train, frozen"),
+    ("secagg=yes", "secagg 'yes' is not one of off, on"),
     ("transport=bf16", "transport 'bf16' is not one of fp32, fp16, int8, int4, int2, int1"),
     ("r=4,eight", "r must be whole numbers"),
     ("r=0", "r must be ≥ 1"),
@@ -41,6 +44,8 @@ def test_a_point_applies_modules_rank_alpha_transport_and_a(smoke_cfg):
     assert cfg.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert (cfg.lora.r, cfg.lora.alpha, cfg.federation.transport, cfg.lora.freeze_a) == (16, 32, "int8", False)
     assert Point("qkvo", 16, "int8", True).apply(smoke_cfg).lora.freeze_a
+    assert not cfg.federation.secure_aggregation
+    assert Point("all", 8, "int4", secure=True).apply(smoke_cfg).federation.secure_aggregation
 
 
 def _result(slm: float, llm: float, up: int) -> dict:
@@ -66,6 +71,12 @@ def test_choice_is_the_cheapest_within_one_point_on_every_dataset():
     assert choice["label"] == b and choice["within_tolerance"] == sorted([b, c])
     assert choice["complete_points"] == 3 and choice["bytes_up_per_client_round"] == 20
     assert choose({"ds1": {p.label: {} for p in points}}, points, [0])["label"] is None
+    # a SecAgg+ point is reported, never chosen: the choice sets a plain run's default
+    secure = Point("qv", 8, "int8", secure=True)
+    with_secure = {ds: {**per_point, secure.label: per_point[b]} for ds, per_point in results.items()}
+    assert choose(with_secure, [*points, secure], [0, 1])["label"] == b
+    only = {ds: {secure.label: per_point[b]} for ds, per_point in results.items()}
+    assert choose(only, [secure], [0, 1])["label"] is None
     # each point falls short on one dataset: no choice, and the reason says so
     split = {"ds1": {a: {"0": _result(0.50, 0.60, 10)}, c: {"0": _result(0.53, 0.60, 400)}},
              "ds2": {a: {"0": _result(0.53, 0.60, 10)}, c: {"0": _result(0.50, 0.60, 400)}}}

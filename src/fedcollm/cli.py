@@ -248,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                             "writes aux_size.md/.png (default method: fedcollm)")
     p_exp.add_argument("--traffic-grid", metavar="GRID",
                        help="accuracy against traffic: FedCoLLM over e.g. 'modules=qv,qkvo,all;r=4,8,16;"
-                            "transport=fp32,fp16,int8,int4' ('A | B': the union of two such grids); writes "
-                            "traffic.md, pareto.png and the cheapest setting within 1 point of the best")
+                            "transport=fp32,fp16,int8,int4;a=train,frozen;secagg=off,on' ('A | B': the union of "
+                            "two such grids); writes traffic.md, pareto.png and the cheapest plain setting within "
+                            "1 point of the best")
     p_exp.add_argument("--dev-grid", metavar="GRID",
                        help="choose hyperparameters on each dataset's dev split: every cell of e.g. "
                             "'client.lr+distill.lr=3e-4,1e-3;client.local_epochs=1,2' (default methods: fedcollm, "

@@ -27,6 +27,7 @@ from fedcollm.federated import transport
 MODULE_SETS = {"qv": ("q_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"), "all": ALL_PROJECTIONS}
 TRANSPORTS = transport.MODES
 A_CHOICES = {"train": False, "frozen": True}  # the `a` axis: lora.freeze_a
+SECAGG_CHOICES = {"off": False, "on": True}  # the `secagg` axis: federation.secure_aggregation
 TOLERANCE = 0.01  # "within 1 point of the best", as the issue states it
 TARGETS = {"paper": 0.003, "goal": 0.0006}  # share of the fp32 SLM per direction
 
@@ -37,10 +38,14 @@ class Point:
     r: int
     transport: str
     freeze_a: bool = False  # lora.freeze_a: B alone trains and travels
+    # SecAgg+: reported beside the plain points at its own bytes, never chosen (it is a privacy
+    # setting, not a way to send less)
+    secure: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.modules} r{self.r} {self.transport}" + (" A-frozen" if self.freeze_a else "")
+        return (f"{self.modules} r{self.r} {self.transport}" + (" A-frozen" if self.freeze_a else "")
+                + (" SecAgg+" if self.secure else ""))
 
     def target_modules(self) -> tuple[str, ...]:
         return MODULE_SETS.get(self.modules) or tuple(self.modules.split("+"))
@@ -49,40 +54,42 @@ class Point:
         new = dataclasses.replace(
             cfg, lora=dataclasses.replace(cfg.lora, target_modules=self.target_modules(), r=self.r, alpha=2 * self.r,
                                           freeze_a=self.freeze_a),
-            federation=dataclasses.replace(cfg.federation, transport=self.transport))
+            federation=dataclasses.replace(cfg.federation, transport=self.transport, secure_aggregation=self.secure))
         validate(new)  # e.g. privacy needs fp32 transport
         return new
 
 
 def parse_grid(text: str) -> list[Point]:
-    """'modules=qv,all;r=4,8;transport=fp32,int8;a=train,frozen' → every combination (unnamed
-    axes: all 7 projections, r = 8, fp32, A trained); 'GRID | GRID' → the union, in order (a
-    sparse sweep)."""
+    """'modules=qv,all;r=4,8;transport=fp32,int8;a=train,frozen;secagg=off,on' → every combination
+    (unnamed axes: all 7 projections, r = 8, fp32, A trained, no SecAgg+); 'GRID | GRID' → the
+    union, in order (a sparse sweep)."""
     points = [p for part in text.split("|") for p in _product(part)]
     return list(dict.fromkeys(points))
 
 
 def _product(text: str) -> list[Point]:
-    axes = {"modules": ["all"], "r": ["8"], "transport": ["fp32"], "a": ["train"]}
+    axes = {"modules": ["all"], "r": ["8"], "transport": ["fp32"], "a": ["train"], "secagg": ["off"]}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         key, _, values = part.partition("=")
         if key.strip() not in axes or not values.strip():
-            raise FedCoLLMError(f"--traffic-grid {text!r}: expected 'modules=…;r=…;transport=…;a=…', got {part!r}")
+            raise FedCoLLMError(f"--traffic-grid {text!r}: expected 'modules=…;r=…;transport=…;a=…;secagg=…', "
+                                f"got {part!r}")
         axes[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
     bad = [t for t in axes["transport"] if t not in TRANSPORTS]
     if bad:
         raise FedCoLLMError(f"--traffic-grid: transport {bad[0]!r} is not one of {', '.join(TRANSPORTS)}")
-    bad = [a for a in axes["a"] if a not in A_CHOICES]
-    if bad:
-        raise FedCoLLMError(f"--traffic-grid: a {bad[0]!r} is not one of {', '.join(A_CHOICES)}")
+    for axis, choices in (("a", A_CHOICES), ("secagg", SECAGG_CHOICES)):
+        bad = [v for v in axes[axis] if v not in choices]
+        if bad:
+            raise FedCoLLMError(f"--traffic-grid: {axis} {bad[0]!r} is not one of {', '.join(choices)}")
     try:
         ranks = [int(r) for r in axes["r"]]
     except ValueError:
         raise FedCoLLMError(f"--traffic-grid: r must be whole numbers, got {','.join(axes['r'])}") from None
     if any(r < 1 for r in ranks):
         raise FedCoLLMError(f"--traffic-grid: r must be ≥ 1, got {min(ranks)}")
-    return [Point(m, r, t, A_CHOICES[a]) for m in axes["modules"] for r in ranks for t in axes["transport"]
-            for a in axes["a"]]
+    return [Point(m, r, t, A_CHOICES[a], SECAGG_CHOICES[sa]) for m in axes["modules"] for r in ranks
+            for t in axes["transport"] for a in axes["a"] for sa in axes["secagg"]]
 
 
 def run_traffic(base: Config, datasets: list[str], seeds: list[int], points: list[Point], out: Path, command: str,
@@ -116,10 +123,13 @@ def _bytes(per_seed: dict) -> dict:
 
 def choose(results: dict, points: list[Point], seeds: list[int]) -> dict:
     """The cheapest point (bytes up, then down) whose mean SLM and LLM accuracy are within
-    TOLERANCE of the best point's on every dataset; only points with every seed take part."""
-    complete = [p.label for p in points if all(len(results[d][p.label]) == len(seeds) for d in results)]
+    TOLERANCE of the best point's on every dataset; only points with every seed take part, and
+    no SecAgg+ point (a privacy setting: the default the choice sets is a plain run's)."""
+    complete = [p.label for p in points
+                if not p.secure and all(len(results[d][p.label]) == len(seeds) for d in results)]
     if not complete:
-        return {"label": None, "why": "no grid point has every seed on every dataset yet"}
+        return {"label": None,
+                "why": "no grid point has every seed on every dataset yet (SecAgg+ points are never chosen)"}
     ok = set(complete)
     for dataset, per_point in results.items():
         metric = headline_metric(dataset)
@@ -149,7 +159,7 @@ def table(doc: dict, points: list[Point]) -> str:
                   f"| SLM {metric} | LLM {metric} | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in points:
             per_seed = per_point[p.label]
-            sent = p.transport + (", A frozen" if p.freeze_a else "")
+            sent = p.transport + (", A frozen" if p.freeze_a else "") + (", SecAgg+" if p.secure else "")
             if not per_seed:
                 lines.append(f"| {p.modules} | {p.r} | {sent} | – | – | – | – | – | – | 0 |")
                 continue
