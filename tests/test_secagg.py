@@ -140,7 +140,10 @@ def test_at_7_levels_4_clients_send_5_bits_a_value_the_mean_stays_within_its_bou
     for sent in seen["masked_bytes"]:
         assert 5 / 8 * comm["adapter_params"] < sent < 5 / 8 * comm["adapter_params"] + 32 * n_arrays
     assert comm["bytes_up_per_client_round"] > seen["masked_bytes"][0]
+    report = (tmp_path / "secure" / "report.md").read_text()
+    assert "7 levels, modulus 2^5 (bits a value)" in report and f"values in units of {scale:.3g}" in report
     row = json.loads((tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()[1])
+    assert f"by round: 1: {row['secagg_clipped']:,} (largest {row['secagg_peak']:.4g})" in report
     largest = max(float(np.max(np.abs(a))) for _, arrs in plain_round.values() for a in arrs) / scale
     assert row["secagg_peak"] == pytest.approx(largest, rel=1e-5)
     assert row["secagg_clipped"] == sum(int(np.count_nonzero(np.abs(a) / scale > 1.0))
