@@ -48,7 +48,7 @@ def simulate(cfg, extra_mods=()) -> dict:
             seen["replies"].extend(replies)
             # Sizes now: Flower's workflow empties a reply's arrays once it has read them.
             seen["reply_sizes"].extend(_sizes(r) for r in replies if r.has_content() and r.content.array_records)
-            seen["masked_bytes"].extend(_masked_bytes(r) for r in replies if _masked_bytes(r))
+            seen["masked_bytes"].extend(n for n in map(_masked_bytes, replies) if n)
             return replies
 
         strategy.aggregate_fit = record_fit
