@@ -145,3 +145,20 @@ def test_secagg_settings_leave_the_digest_of_a_run_without_secagg_alone():
     dp = load_config(overrides=["federation.secure_aggregation=true", 'privacy.mode="central-client-clipping"',
                                 "privacy.clipping_norm=1.0", "privacy.noise_multiplier=0.5", "federation.min_clients=4"])
     assert dp.secagg_levels() == 2**22 and dp.digest() == "9590b061b71b3519"  # auto under fp32: as before
+
+
+def test_activation_checkpointing_is_memory_not_results_the_digest_and_the_built_models():
+    """The same numbers either way (tests/test_train_step.py proves it), so a run with it finds
+    the cached results of one without; the models that train (the SLM, the LLM) checkpoint each
+    decoder layer."""
+    from fedcollm import components
+
+    plain = load_config(preset="smoke")
+    on = load_config(preset="smoke", overrides=["model.activation_checkpointing=true"])
+    assert on.digest() == plain.digest()
+    assert load_config().digest() == "f99497bb96eeb7fb"  # the default's pin, from before the field
+    for build in (components.build_slm, components.build_llm):
+        assert all(layer.gradient_checkpointing for layer in build(on).get_base_model().model.layers)
+        assert not any(layer.gradient_checkpointing for layer in build(plain).get_base_model().model.layers)
+    with pytest.raises(FedCoLLMError, match="model.activation_checkpointing must be"):
+        load_config(overrides=['model.activation_checkpointing="yes"'])

@@ -67,3 +67,49 @@ def test_a_pass_without_a_terminal_shows_its_progress_as_lines(lora_model, capsy
     sft(model, encode_pairs(tok, PAIRS, 64), epochs=1, lr=1e-2, batch_size=1, pad_id=tok.pad_token_id,
         seed=0, device=torch.device("cpu"), progress=False)
     assert capsys.readouterr().out == ""
+
+
+def _dropout_lora(seed_weights: int = 0):
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed_weights)
+    model = attach_lora(tiny_model(len(tok)), 4, 8, 0.2, ("q_proj", "v_proj"))  # dropout: RNG in the recompute
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    return model, tok
+
+
+def test_activation_checkpointing_recomputes_each_layer_and_trains_to_the_same_adapter():
+    """The memory knob changes how the backward gets its activations, not what it computes: the
+    same adapter to the bit after SFT steps with LoRA dropout (whose masks the recompute must draw
+    again), and each decoder layer's modules run twice per training step (forward, then again in
+    the backward) but once when scoring. (Its attention's calls are counted, as they start: the
+    layer's own hooks sit outside the checkpoint in transformers 5, and torch stops a recompute
+    as soon as it has the last activation it needs, before any forward hook would run.)"""
+    from fedcollm.models.compat import checkpoint_activations
+
+    runs = []
+    for checkpointed in (False, True):
+        model, tok = _dropout_lora()
+        if checkpointed:
+            checkpoint_activations(model)
+        calls = []
+        model.get_base_model().model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+        torch.manual_seed(7)
+        stats = sft(model, encode_pairs(tok, PAIRS, 64), epochs=2, lr=1e-2, batch_size=2,
+                    pad_id=tok.pad_token_id, seed=0, device=torch.device("cpu"))
+        trained_calls = len(calls)
+        with torch.no_grad():
+            model(**{k: v for k, v in collate(encode_pairs(tok, PAIRS, 64), tok.pad_token_id).items()
+                     if k in ("input_ids", "attention_mask")})
+        runs.append((stats, adapter_state(model), trained_calls, len(calls) - trained_calls))
+    (plain, plain_state, plain_calls, plain_eval), (ckpt, ckpt_state, ckpt_calls, ckpt_eval) = runs
+    assert plain["steps"] == ckpt["steps"] == 4
+    assert plain_calls == 4 and ckpt_calls == 8  # the recompute: a second call per step
+    assert plain_eval == ckpt_eval == 1
+    assert ckpt["loss"] == plain["loss"]
+    assert list(ckpt_state) == list(plain_state)
+    for key in plain_state:
+        assert torch.equal(ckpt_state[key], plain_state[key]), key
+    assert any("lora_A" in key and not torch.equal(plain_state[key], _dropout_lora()[0].state_dict()[
+        key.replace(".weight", ".default.weight")]) for key in plain_state)  # the adapter did train

@@ -37,6 +37,7 @@ from fedcollm.data.partition import Split, split_indices
 from fedcollm.data.records import MCQRecord, check_held_out, context, continuations
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import Request, encode_requests
+from fedcollm.models.compat import checkpoint_activations
 from fedcollm.models.loading import (
     cache_root, load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
 from fedcollm.models.lora import attach_lora
@@ -242,6 +243,8 @@ def _with_adapter(base, cfg: Config, freeze_a: bool = False):
         # are. dynamic: every batch has its own sequence length.
         for layer in model.get_base_model().get_decoder().layers:
             layer.compile(dynamic=True)
+    if cfg.model.activation_checkpointing:
+        checkpoint_activations(model)
     return model
 
 

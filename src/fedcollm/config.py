@@ -55,6 +55,13 @@ class ModelConfig:
     # by kernel launches (results/bench/README.md); each process pays the compile once (~30 s
     # on 2 CPU cores for the default pair). Same results up to float rounding.
     compile: bool = False
+    # Activation (gradient) checkpointing of each decoder layer while training: a layer keeps
+    # only its input and recomputes the rest in the backward pass. For pairs whose activations
+    # do not fit the device (a larger LLM, long prompts, large batches): on 2 CPU cores it cut the
+    # SmolLM2 pair's training memory ~10× for 1.36× the step time (results/bench/README.md). The
+    # same numbers either way (tests/test_train_step.py), so it is no part of a config's digest.
+    # Off: the default pair fits a GPU many times over, and time is what it is short of there.
+    activation_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,6 +269,8 @@ class Config:
         # client_gpus packs simulated clients into Ray actors: where they train, not what they
         # compute (a run on CUDA refuses 0). Hashed as "auto", the value every digest had.
         d["federation"]["client_gpus"] = "auto"
+        # Activation checkpointing recomputes the same forward pass: memory, not results.
+        del d["model"]["activation_checkpointing"]
         # SecAgg+'s settings change only a secure run: a plain one hashes them at the values every
         # plain digest had; a secure one hashes its levels resolved (auto under fp32 is 2^22, as before).
         d["federation"].update(SECAGG_UNUSED if not self.federation.secure_aggregation
