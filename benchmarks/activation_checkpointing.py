@@ -105,7 +105,7 @@ def child(args) -> dict:
         del llm  # the client holds the SLM alone
 
         def step():
-            sft_step(slm, batch, opt)
+            sft_step(slm, [batch], opt)
     else:
         kd_cfg = SimpleNamespace(temperature=2.0, top_k=0, kd_lambda=1.0, ce_weight=1.0,
                                  llm_learns_from_slm=True, slm_learns_from_llm=True)

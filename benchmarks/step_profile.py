@@ -86,7 +86,7 @@ def main() -> None:
         kd_cfg = dataclasses.replace(cfg.distill, batch_size=bs)
 
         def client_step():
-            sft_step(slm, batch, opt_slm)
+            sft_step(slm, [batch], opt_slm)
 
         def kd_step():
             loss, _ = mutual_kd_step(llm, slm, batch, kd_cfg)

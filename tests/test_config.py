@@ -111,8 +111,8 @@ def test_cli_process_exit_code_for_unknown_key():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["fedcollm: error: config: unknown key 'model.size' (known: cache_dir, compile, device, dtype, "
-                     "llm, slm, slm_keep_first, slm_keep_last)"]
+    assert lines == ["fedcollm: error: config: unknown key 'model.size' (known: activation_checkpointing, cache_dir, "
+                     "compile, device, dtype, llm, slm, slm_keep_first, slm_keep_last)"]
 
 
 def test_the_shipped_experiment_configs_load():
@@ -162,3 +162,13 @@ def test_activation_checkpointing_is_memory_not_results_the_digest_and_the_built
         assert not any(layer.gradient_checkpointing for layer in build(plain).get_base_model().model.layers)
     with pytest.raises(FedCoLLMError, match="model.activation_checkpointing must be"):
         load_config(overrides=['model.activation_checkpointing="yes"'])
+
+
+def test_micro_batch_sizes_enter_the_digest_only_when_set():
+    """Passes change float rounding, so a set size is a run of its own; unset (0), earlier
+    digests stay (the default's pin is from before the fields)."""
+    assert load_config().digest() == "f99497bb96eeb7fb"
+    for key in ("client.micro_batch_size", "distill.micro_batch_size"):
+        assert load_config(overrides=[f"{key}=2"]).digest() != load_config().digest()
+        with pytest.raises(FedCoLLMError, match=f"{key} must be >= 0"):
+            load_config(overrides=[f"{key}=-1"])

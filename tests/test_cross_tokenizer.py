@@ -16,7 +16,7 @@ from fedcollm.data.encode import encode_pairs
 from fedcollm.models.loading import tiny_tokenizer
 from fedcollm.models.lora import adapter_state
 from fedcollm.train.align import VocabMap, align, one_to_one
-from fedcollm.train.distill import kd_kl, kd_step, mutual_distill
+from fedcollm.train.distill import kd_kl, kd_step, mutual_distill, pass_weights
 
 TEXTS = ["Question: Which factor will most likely cause a person to develop a fever?\nAnswer: a bacterial population",
          "The sun is responsible for plants sprouting, blooming and wilting.", "é ü 42 !?", " a", "x"]
@@ -160,3 +160,37 @@ def test_encoded_spans_are_the_continuation_characters():
     cont = " the sun"
     pieces = [cont[a:b] for a, b in enc.spans]
     assert "".join(pieces) == cont and len(pieces) == enc.n_target
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["one tokenizer", "two tokenizers"])
+@pytest.mark.parametrize("level", ["token", "choice"])
+def test_kd_in_several_forward_passes_has_the_whole_batchs_gradient(request, pair, level):
+    """distill.micro_batch_size: a batch of 4 questions cut into passes of 3 + 1 (answers of
+    unequal lengths, in each model's own tokens) accumulates the gradient of the batch in one
+    pass, in both adapters, for every level and tokenizer pair; and the loss parts add up to the
+    batch's. Each term is weighted by its share of what it averages over (pass_weights)."""
+    base = request.getfixturevalue("pair_cfg" if pair else "smoke_cfg")
+    cfg = dataclasses.replace(base, lora=dataclasses.replace(base.lora, dropout=0.0),
+                              distill=dataclasses.replace(base.distill, level=level, batch_size=4))
+    aux, maps, idx = components.server_data(cfg).aux, components.vocab_maps(cfg), [0, 1, 2, 3]
+    assert len({aux.llm[i].n_target for i in idx}) > 1
+    grads, parts = {}, {}
+    for cut in ([idx], [idx[:3], idx[3:]]):
+        llm, slm = components.build_llm(cfg), components.build_slm(cfg)
+        for model in (llm, slm):
+            for n, p in model.named_parameters():  # B = 0 at init: no KL gradient to compare
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+        total = {}
+        for part in cut:
+            weights = pass_weights(aux, cfg.distill, part, idx) if len(cut) > 1 else None
+            loss, got = kd_step(llm, slm, aux, part, cfg.distill, torch.device("cpu"), maps, weights)
+            loss.backward()
+            total = {k: total.get(k, 0.0) + v.item() for k, v in got.items()}
+        grads[len(cut)] = {f"{m}.{n}": p.grad.clone() for m, model in (("llm", llm), ("slm", slm))
+                           for n, p in model.named_parameters() if p.requires_grad}
+        parts[len(cut)] = total
+    assert parts[2] == pytest.approx(parts[1], rel=1e-4) and parts[1]["kl_llm"] > 0 and parts[1]["kl_slm"] > 0
+    assert any("llm." in k for k in grads[1]) and any("slm." in k for k in grads[1])
+    for key, g in grads[1].items():
+        torch.testing.assert_close(grads[2][key], g, rtol=1e-4, atol=1e-7)

@@ -18,15 +18,19 @@ PAIRS = [("Question: What color is the sky?\nAnswer:", " blue"),
          ("The sun is responsible for plants sprouting,", " blooming and wilting.")]
 
 
-@pytest.fixture
-def lora_model():
+def _lora(dropout: float = 0.0):
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    model = attach_lora(tiny_model(len(tok)), 4, 8, 0.0, ("q_proj", "v_proj"))
+    model = attach_lora(tiny_model(len(tok)), 4, 8, dropout, ("q_proj", "v_proj"))
     for n, p in model.named_parameters():  # B = 0 at init: make the adapter matter for the check
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)
     return model, tok
+
+
+@pytest.fixture
+def lora_model():
+    return _lora()
 
 
 def test_answer_only_loss_equals_transformers_own_loss(lora_model):
@@ -69,16 +73,6 @@ def test_a_pass_without_a_terminal_shows_its_progress_as_lines(lora_model, capsy
     assert capsys.readouterr().out == ""
 
 
-def _dropout_lora(seed_weights: int = 0):
-    tok = tiny_tokenizer()
-    torch.manual_seed(seed_weights)
-    model = attach_lora(tiny_model(len(tok)), 4, 8, 0.2, ("q_proj", "v_proj"))  # dropout: RNG in the recompute
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)
-    return model, tok
-
-
 def test_activation_checkpointing_recomputes_each_layer_and_trains_to_the_same_adapter():
     """The memory knob changes how the backward gets its activations, not what it computes: the
     same adapter to the bit after SFT steps with LoRA dropout (whose masks the recompute must draw
@@ -90,7 +84,7 @@ def test_activation_checkpointing_recomputes_each_layer_and_trains_to_the_same_a
 
     runs = []
     for checkpointed in (False, True):
-        model, tok = _dropout_lora()
+        model, tok = _lora(dropout=0.2)  # dropout: the recompute must draw the same masks
         if checkpointed:
             checkpoint_activations(model)
         calls = []
@@ -111,5 +105,33 @@ def test_activation_checkpointing_recomputes_each_layer_and_trains_to_the_same_a
     assert list(ckpt_state) == list(plain_state)
     for key in plain_state:
         assert torch.equal(ckpt_state[key], plain_state[key]), key
-    assert any("lora_A" in key and not torch.equal(plain_state[key], _dropout_lora()[0].state_dict()[
+    assert any("lora_A" in key and not torch.equal(plain_state[key], _lora(dropout=0.2)[0].state_dict()[
         key.replace(".weight", ".default.weight")]) for key in plain_state)  # the adapter did train
+
+
+def test_micro_batches_take_the_same_step_as_the_whole_batch():
+    """client.micro_batch_size: a batch of 3 cut into passes of 2 + 1 or 1 + 1 + 1 (answers of
+    1 to 5 tokens) gives the whole batch's token-mean loss and the same adapter, up to float
+    rounding; weighting the passes by examples (the mean of their means) would not."""
+    tok = tiny_tokenizer()
+    examples = encode_pairs(tok, PAIRS, 64)
+    assert len({e.n_target for e in examples}) == 3
+    got = {}
+    for micro in (0, 2, 1):
+        model, _ = _lora()
+        stats = sft(model, examples, epochs=1, lr=1e-2, batch_size=3, pad_id=tok.pad_token_id, seed=0,
+                    device=torch.device("cpu"), micro_batch_size=micro)
+        got[micro] = (stats, adapter_state(model))
+    whole, whole_state = got[0]
+    assert whole["steps"] == 1
+    for micro in (2, 1):
+        stats, state = got[micro]
+        assert stats["steps"] == 1 and stats["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+        for key in whole_state:
+            torch.testing.assert_close(state[key], whole_state[key], rtol=1e-4, atol=1e-6)
+    fresh, _ = _lora()
+    with torch.no_grad():
+        per_example = [F.cross_entropy(*(t.float() if t.is_floating_point() else t for t in
+                                         answer_logits(fresh, collate([e], tok.pad_token_id)))).item()
+                       for e in examples]
+    assert sum(per_example) / 3 != pytest.approx(whole["loss"], rel=1e-3)

@@ -116,6 +116,11 @@ class ClientTrainConfig:
     lr: float = 3e-4
     batch_size: int = 8
     weight_decay: float = 0.0
+    # Examples per forward pass; a batch of batch_size is then several passes whose gradients
+    # accumulate into one step, each pass weighted by its share of the batch's answer tokens
+    # (the same step up to float rounding, and LoRA dropout's masks, drawn per pass). For batches whose activations do not fit the device
+    # beside activation checkpointing. 0 = the whole batch in one pass.
+    micro_batch_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,10 @@ class DistillConfig:
     epochs: int = 1  # passes over the auxiliary data per round
     lr: float = 3e-4
     batch_size: int = 8
+    # Sequences per forward pass of both models (gradient accumulation, as client.micro_batch_size;
+    # each loss term weighted by its share of what it averages over). 0 = distill.batch_size;
+    # choice-level KD passes every choice of a question, so it fits that many sequences' questions.
+    micro_batch_size: int = 0
     kd_lambda: float = 1.0
     temperature: float = 2.0
     top_k: int = 0  # 0 = KL over the full vocabulary
@@ -313,7 +322,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 SECAGG_CHANGE_LEVELS, SECAGG_ADAPTER_LEVELS = 7, 2**22
 SECAGG_UNUSED = {"secagg_clipping_range": 1.0, "secagg_quantization_range": SECAGG_ADAPTER_LEVELS,
                  "secagg_num_shares": 1.0, "secagg_reconstruction_threshold": 0.75}
-DIGEST_NEW_FIELDS: dict[tuple[str, str], Any] = {("model", "compile"): False, ("lora", "freeze_a"): False}
+DIGEST_NEW_FIELDS: dict[tuple[str, str], Any] = {("model", "compile"): False, ("lora", "freeze_a"): False,
+                                                  ("client", "micro_batch_size"): 0, ("distill", "micro_batch_size"): 0}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
@@ -335,7 +345,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     "lora.dropout", "data.max_train_examples", "data.eval_examples", "distill.epochs",
-    "distill.kd_lambda", "distill.top_k", "distill.ce_weight", "run.eval_batch_size",
+    "distill.kd_lambda", "distill.top_k", "client.micro_batch_size", "distill.micro_batch_size", "distill.ce_weight", "run.eval_batch_size",
     "model.slm_keep_first", "model.slm_keep_last", "client.weight_decay", "run.seed",
     "run.eval_every", "federation.max_client_examples", "federation.secagg_quantization_range",
     "privacy.noise_multiplier", "privacy.clipping_norm",

@@ -66,7 +66,8 @@ def _sft(model, examples, cfg: Config, which: str, seed: int, desc: str, resume:
     c = cfg.client
     return sft(model, examples, epochs=_train_epochs(cfg), lr=c.lr, batch_size=c.batch_size,
                pad_id=components.pad_id(cfg, which), seed=seed, device=components.device_of(cfg),
-               weight_decay=c.weight_decay, progress=cfg.run.progress, desc=desc, resume=resume)
+               weight_decay=c.weight_decay, progress=cfg.run.progress, desc=desc, resume=resume,
+               micro_batch_size=c.micro_batch_size)
 
 
 def _in(workdir: Path | None, name: str) -> Path | None:

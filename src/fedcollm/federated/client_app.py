@@ -66,7 +66,8 @@ class SLMClient(NumPyClient):
         stats = sft(model, examples, epochs=cfg.client.local_epochs, lr=cfg.client.lr,
                     batch_size=cfg.client.batch_size, pad_id=components.pad_id(cfg, "slm"),
                     seed=seed, device=components.device_of(cfg), weight_decay=cfg.client.weight_decay,
-                    progress=cfg.run.progress, desc=f"client {self.partition_id} round {rnd}")
+                    progress=cfg.run.progress, desc=f"client {self.partition_id} round {rnd}",
+                    micro_batch_size=cfg.client.micro_batch_size)
         arrays = adapter_to_ndarrays(model)
         components.release_cached_memory()  # idle until next round: the GPU's memory serves others
         print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "

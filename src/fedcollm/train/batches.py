@@ -23,10 +23,18 @@ def on(device: torch.device, batch: dict[str, torch.Tensor]) -> dict[str, torch.
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def batches(examples: list[Encoded], batch_size: int, pad_id: int, seed: int,
-            device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+def forward_passes(idx: list[int], micro_batch_size: int) -> list[list[int]]:
+    """A batch's indices as forward passes of at most micro_batch_size examples (0: one pass)."""
+    micro = micro_batch_size or len(idx)
+    return [idx[start:start + micro] for start in range(0, len(idx), micro)]
+
+
+def batches(examples: list[Encoded], batch_size: int, pad_id: int, seed: int, device: torch.device,
+            micro_batch_size: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Each optimizer step's batch, as the forward passes it is computed in (one unless
+    micro_batch_size is below batch_size): the batches, and so the steps, do not depend on it."""
     for idx in index_batches(len(examples), batch_size, seed):
-        yield on(device, collate([examples[i] for i in idx], pad_id))
+        yield [on(device, collate([examples[i] for i in part], pad_id)) for part in forward_passes(idx, micro_batch_size)]
 
 
 def num_batches(n: int, batch_size: int) -> int:

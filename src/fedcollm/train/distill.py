@@ -23,7 +23,7 @@ from fedcollm.data.encode import Encoded, collate
 from fedcollm.models.logits import answer_logits
 from fedcollm.progress import PROGRESS_EVERY, progress_bar
 from fedcollm.train.align import VocabMap, align, one_to_one
-from fedcollm.train.batches import index_batches, num_batches, on, optimizer, trainable
+from fedcollm.train.batches import forward_passes, index_batches, num_batches, on, optimizer, trainable
 
 CROSS_TOP_K = 16  # teacher tokens carried across vocabularies when distill.top_k = 0
 PAD_CHOICE = -1e4  # the log-likelihood of a choice a question does not have (softmax weight ~0)
@@ -66,9 +66,16 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, top_
     return kl.mean() * temperature**2
 
 
-def _combine(ce_f, ce_g, kl_f, kl_g, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+TERMS = ("ce_llm", "ce_slm", "kl_llm", "kl_slm")
+
+
+def _combine(ce_f, ce_g, kl_f, kl_g, cfg, weights: dict[str, float] | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss, and its parts detached (0-d tensors on the device: reading them is left to the
-    caller, once per many steps, so that the host does not wait for the GPU every step)."""
+    caller, once per many steps, so that the host does not wait for the GPU every step).
+    weights: each term's share of its batch, when this is one of several forward passes."""
+    if weights is not None:
+        ce_f, ce_g, kl_f, kl_g = (t * weights[k] for t, k in zip((ce_f, ce_g, kl_f, kl_g), TERMS))
     loss = cfg.ce_weight * (ce_f + ce_g)
     if cfg.llm_learns_from_slm:
         loss = loss + cfg.kd_lambda * kl_f
@@ -77,7 +84,7 @@ def _combine(ce_f, ce_g, kl_f, kl_g, cfg) -> tuple[torch.Tensor, dict[str, torch
     return loss, {"ce_llm": ce_f.detach(), "ce_slm": ce_g.detach(), "kl_llm": kl_f.detach(), "kl_slm": kl_g.detach()}
 
 
-def mutual_kd_step(llm, slm, batch: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def mutual_kd_step(llm, slm, batch: dict[str, torch.Tensor], cfg, weights=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The FedCoLLM server loss for one batch of a shared tokenizer (not yet backpropagated)."""
     # Each model runs forward once; its logits serve as student (with grad) in its own terms and,
     # detached, as teacher in the other model's terms.
@@ -89,7 +96,7 @@ def mutual_kd_step(llm, slm, batch: dict[str, torch.Tensor], cfg) -> tuple[torch
     ce_g = F.cross_entropy(g_logits.float(), labels)
     kl_f = kd_kl(f_logits, g_logits, cfg.temperature, cfg.top_k)  # LLM learns from the SLM
     kl_g = kd_kl(g_logits, f_logits, cfg.temperature, cfg.top_k)  # SLM learns from the LLM
-    return _combine(ce_f, ce_g, kl_f, kl_g, cfg)
+    return _combine(ce_f, ce_g, kl_f, kl_g, cfg, weights)
 
 
 def _rows(examples: list[Encoded]) -> list[int]:
@@ -125,7 +132,7 @@ def aligned_kl(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tenso
     return kl.mean() * temperature**2
 
 
-def aligned_kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device, maps) -> tuple[torch.Tensor, dict]:
+def aligned_kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device, maps, weights=None) -> tuple[torch.Tensor, dict]:
     """The server loss for one batch when the LLM and the SLM tokenize differently."""
     f_ex, g_ex = [aux.llm[i] for i in idx], [aux.slm[i] for i in idx]
     f_logits, f_labels = answer_logits(llm, on(device, collate(f_ex, aux.llm_pad)))
@@ -138,7 +145,7 @@ def aligned_kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device, maps) ->
     ce_g = F.cross_entropy(g_logits.float(), g_labels)
     kl_f = aligned_kl(f_logits, f_labels, g_logits, [(g, f) for f, g in pairs], to_llm, cfg.temperature, cfg.top_k)
     kl_g = aligned_kl(g_logits, g_labels, f_logits, pairs, to_slm, cfg.temperature, cfg.top_k)
-    return _combine(ce_f, ce_g, kl_f, kl_g, cfg)
+    return _combine(ce_f, ce_g, kl_f, kl_g, cfg, weights)
 
 
 def choice_scores(model, choices: list[list[Encoded]], answers: list[int], pad_id: int,
@@ -159,7 +166,7 @@ def choice_scores(model, choices: list[list[Encoded]], answers: list[int], pad_i
     return scores, -logp[torch.tensor(correct_rows, device=logp.device)].mean()
 
 
-def choice_kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device) -> tuple[torch.Tensor, dict]:
+def choice_kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device, weights=None) -> tuple[torch.Tensor, dict]:
     """The server loss for one batch with distill.level = choice: KL between the two models'
     distributions over each question's choices; CE on the correct choice's tokens."""
     answers = [aux.answers[i] for i in idx]
@@ -167,25 +174,44 @@ def choice_kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device) -> tuple[
     g_scores, ce_g = choice_scores(slm, [aux.slm_choices[i] for i in idx], answers, aux.slm_pad, device)
     kl_f = kd_kl(f_scores, g_scores, cfg.temperature)  # LLM learns from the SLM
     kl_g = kd_kl(g_scores, f_scores, cfg.temperature)  # SLM learns from the LLM
-    return _combine(ce_f, ce_g, kl_f, kl_g, cfg)
+    return _combine(ce_f, ce_g, kl_f, kl_g, cfg, weights)
 
 
-def kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device, maps=None) -> tuple[torch.Tensor, dict]:
-    """One batch's loss, for whichever level and tokenizer pair the run has."""
+def kd_step(llm, slm, aux: AuxSet, idx: list[int], cfg, device, maps=None, weights=None) -> tuple[torch.Tensor, dict]:
+    """One batch's (or forward pass's, with weights) loss, for whichever level and tokenizer
+    pair the run has."""
     if cfg.level == "choice":
-        return choice_kd_step(llm, slm, aux, idx, cfg, device)
+        return choice_kd_step(llm, slm, aux, idx, cfg, device, weights)
     if aux.one_tokenizer:
-        return mutual_kd_step(llm, slm, on(device, collate([aux.llm[i] for i in idx], aux.llm_pad)), cfg)
-    return aligned_kd_step(llm, slm, aux, idx, cfg, device, maps)
+        return mutual_kd_step(llm, slm, on(device, collate([aux.llm[i] for i in idx], aux.llm_pad)), cfg, weights)
+    return aligned_kd_step(llm, slm, aux, idx, cfg, device, maps, weights)
 
 
 def micro_batch(aux: AuxSet, cfg) -> int:
-    """Questions per forward pass. Choice-level KD runs every choice of a question through both
-    models with gradients, so a batch of distill.batch_size questions is split into passes of
-    about batch_size sequences (equal-weight gradient accumulation: the same step, less memory)."""
+    """Questions per forward pass: distill.micro_batch_size sequences (0: distill.batch_size).
+    Choice-level KD runs every choice of a question through both models with gradients, so
+    there a pass holds that many sequences' worth of questions."""
+    per_pass = cfg.micro_batch_size or cfg.batch_size
     if cfg.level != "choice" or not aux.llm_choices:
-        return cfg.batch_size
-    return max(1, cfg.batch_size // max(len(cs) for cs in aux.llm_choices))
+        return per_pass
+    return max(1, per_pass // max(len(cs) for cs in aux.llm_choices))
+
+
+def pass_weights(aux: AuxSet, cfg, part: list[int], idx: list[int]) -> dict[str, float]:
+    """Each loss term's share of the batch `idx` that falls in the forward pass `part`, counted
+    in what the term averages over: answer tokens of the model that is the student (token
+    level); questions for the choice-level KL, the correct choices' tokens for its CE. Weighted
+    so, the passes' gradients add up to the whole batch's, however it is cut."""
+    def share(count) -> float:
+        return sum(count(i) for i in part) / sum(count(i) for i in idx)
+
+    if cfg.level == "choice":
+        questions = len(part) / len(idx)
+        return {"ce_llm": share(lambda i: aux.llm_choices[i][aux.answers[i]].n_target),
+                "ce_slm": share(lambda i: aux.slm_choices[i][aux.answers[i]].n_target),
+                "kl_llm": questions, "kl_slm": questions}
+    f, g = share(lambda i: aux.llm[i].n_target), share(lambda i: aux.slm[i].n_target)
+    return {"ce_llm": f, "kl_llm": f, "ce_slm": g, "kl_slm": g}
 
 
 def mutual_distill(llm, slm, aux: AuxSet, cfg, *, seed: int, device: torch.device, maps=None,
@@ -209,13 +235,13 @@ def mutual_distill(llm, slm, aux: AuxSet, cfg, *, seed: int, device: torch.devic
         for idx in index_batches(n, cfg.batch_size, seed + epoch):
             opt.zero_grad(set_to_none=True)
             parts: dict[str, torch.Tensor] = {}
-            for start in range(0, len(idx), micro):  # gradients accumulate over the micro-batches
-                part = idx[start:start + micro]
-                loss, got = kd_step(llm, slm, aux, part, cfg, device, maps)
-                share = len(part) / len(idx)
-                (loss * share).backward()
+            cut = forward_passes(idx, micro)
+            for part in cut:  # gradients accumulate over the passes
+                weights = pass_weights(aux, cfg, part, idx) if len(cut) > 1 else None
+                loss, got = kd_step(llm, slm, aux, part, cfg, device, maps, weights)
+                loss.backward()
                 for k, v in got.items():
-                    parts[k] = parts.get(k, 0.0) + share * v
+                    parts[k] = parts.get(k, 0.0) + v
             opt.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v

@@ -15,20 +15,32 @@ from fedcollm.progress import PROGRESS_EVERY, progress_bar
 from fedcollm.train.batches import batches, num_batches, optimizer, trainable
 
 
-def sft_step(model, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> torch.Tensor:
-    """One optimizer step on one batch; the loss, detached and left on the device."""
-    pred, target = answer_logits(model, batch)
-    loss = F.cross_entropy(pred.float(), target)
+def sft_step(model, batch: list[dict[str, torch.Tensor]], opt: torch.optim.Optimizer) -> torch.Tensor:
+    """One optimizer step on one batch, given as one or more forward passes whose gradients
+    accumulate; the loss (mean over the batch's answer tokens), detached and left on the device.
+
+    Each pass's mean is weighted by its share of the batch's answer tokens, so the step is the
+    whole batch's token mean however the batch is cut (not the mean of the passes' means)."""
+    tokens = sum(len(part["answer_rows"]) for part in batch)  # shapes: known on the host
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total = torch.zeros((), device=batch[0]["input_ids"].device)
+    for part in batch:
+        pred, target = answer_logits(model, part)
+        loss = F.cross_entropy(pred.float(), target)
+        if len(batch) > 1:
+            loss = loss * (len(target) / tokens)
+        loss.backward()
+        total += loss.detach()
     opt.step()
-    return loss.detach()
+    return total
 
 
 def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: int, pad_id: int,
         seed: int, device: torch.device, weight_decay: float = 0.0, progress: bool = False,
-        desc: str = "sft", resume: Path | None = None) -> dict[str, float]:
+        desc: str = "sft", resume: Path | None = None, micro_batch_size: int = 0) -> dict[str, float]:
     """Train the model's trainable (adapter) parameters; return the mean loss and step count.
+
+    micro_batch_size: examples per forward pass (gradient accumulation; 0 = the whole batch).
 
     resume: a file to continue from after its last complete epoch, rewritten after each epoch
     but the last: a long pass outside a federated run (centralized, standalone) that is cut short,
@@ -54,7 +66,7 @@ def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: i
         print(f"[fedcollm] {desc}: continuing after epoch {start} of {epochs} ({resume})", flush=True)
     bar = progress_bar(epochs * num_batches(len(examples), batch_size), desc, progress, initial=steps)
     for epoch in range(start, epochs):
-        for batch in batches(examples, batch_size, pad_id, seed + epoch, device):
+        for batch in batches(examples, batch_size, pad_id, seed + epoch, device, micro_batch_size):
             total += sft_step(model, batch, opt)
             steps += 1
             bar.update(1)
