@@ -117,9 +117,10 @@ class ClientTrainConfig:
     batch_size: int = 8
     weight_decay: float = 0.0
     # Examples per forward pass; a batch of batch_size is then several passes whose gradients
-    # accumulate into one step, each pass weighted by its share of the batch's answer tokens
-    # (the same step up to float rounding, and LoRA dropout's masks, drawn per pass). For batches whose activations do not fit the device
-    # beside activation checkpointing. 0 = the whole batch in one pass.
+    # accumulate into one step, each pass weighted by its share of the batch's answer tokens:
+    # the same step up to float rounding (and LoRA dropout's masks, drawn per pass). For batches
+    # whose activations do not fit the device even with activation checkpointing. 0 = the whole
+    # batch in one pass.
     micro_batch_size: int = 0
 
 
@@ -345,7 +346,8 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     "lora.dropout", "data.max_train_examples", "data.eval_examples", "distill.epochs",
-    "distill.kd_lambda", "distill.top_k", "client.micro_batch_size", "distill.micro_batch_size", "distill.ce_weight", "run.eval_batch_size",
+    "distill.kd_lambda", "distill.top_k", "distill.ce_weight", "run.eval_batch_size",
+    "client.micro_batch_size", "distill.micro_batch_size",
     "model.slm_keep_first", "model.slm_keep_last", "client.weight_decay", "run.seed",
     "run.eval_every", "federation.max_client_examples", "federation.secagg_quantization_range",
     "privacy.noise_multiplier", "privacy.clipping_norm",
