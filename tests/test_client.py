@@ -56,3 +56,27 @@ def test_a_clients_training_shows_its_progress(smoke_cfg, smoke_overrides, capsy
     shown = load_config(overrides=[*smoke_overrides, "run.progress=true"], preset="smoke")
     SLMClient(shown, 2).fit(message, config)
     assert "[fedcollm] client 2 round 1: step 1 of " in capsys.readouterr().out
+
+
+def test_a_client_out_of_memory_says_which_settings_give_memory_back(smoke_cfg, monkeypatch):
+    """torch's message says how many bytes were missing; the one line says where, and what to set."""
+    import torch
+
+    def oom(*_, **__):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+
+    monkeypatch.setattr("fedcollm.federated.client_app.sft", oom)
+    message, config = first_message(smoke_cfg)
+    with pytest.raises(FedCoLLMError) as got:
+        SLMClient(smoke_cfg, 2).fit(message, config)
+    assert str(got.value) == (
+        "client 2 round 1: SFT on cpu: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a "
+        "total capacity); set model.activation_checkpointing = true (the same numbers, ~10x less activation "
+        "memory), or client.micro_batch_size below client.batch_size = 4 (the same step in smaller forward passes)")
+
+    def broken(*_, **__):
+        raise RuntimeError("a bug keeps its traceback")
+
+    monkeypatch.setattr("fedcollm.federated.client_app.sft", broken)
+    with pytest.raises(RuntimeError, match="a bug keeps its traceback"):
+        SLMClient(smoke_cfg, 2).fit(message, config)

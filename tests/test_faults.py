@@ -300,3 +300,39 @@ def test_update_problems(arrays, n, reason):
 def test_a_large_but_unchanged_adapter_passes_the_norm_check():
     large = [np.full((2, 3), 1e3, np.float32)]
     assert update_problem([large[0] + 0.01], large, 5, 1000.0, 100) is None
+
+
+def test_the_server_out_of_memory_in_kd_ends_the_run_on_the_last_good_state(smoke_cfg, tmp_path, monkeypatch):
+    """Out of memory part-way through round 2's KD: the run stops in one line that names the
+    settings to change, on round 1's state (saved and resumable), not on half-trained adapters."""
+    import torch
+
+    import fedcollm.federated.strategy as strategy
+
+    real, calls = strategy.mutual_distill, []
+
+    def oom_in_round_2(llm, slm, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            real(llm, slm, *args, **kwargs)  # both adapters move: the run must not keep them
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real(llm, slm, *args, **kwargs)
+
+    monkeypatch.setattr(strategy, "mutual_distill", oom_in_round_2)
+    cfg = _cfg(smoke_cfg, tmp_path)
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=2))
+    with pytest.raises(FedCoLLMError, match=r"run stopped in round 2: the server's mutual KD on cpu: out of memory "
+                                            r"\(CUDA out of memory. Tried to allocate 20.00 MiB\); set "
+                                            r"model.activation_checkpointing = true .* or distill.micro_batch_size "
+                                            r"below distill.batch_size = 4"):
+        simulate(cfg)
+    out = tmp_path / "run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["failed_rounds"][0]["round"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and "out of memory" in rows[2]["failed"] and "slm" not in rows[2]
+    saved = _adapters(out)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["round"] == 1
+    for key, value in saved["llm"].items():  # round 1's LLM adapter, as its checkpoint holds it
+        np.testing.assert_array_equal(value, ckpt["llm"][key].numpy())

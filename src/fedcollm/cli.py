@@ -156,9 +156,10 @@ def cmd_eval(args) -> int:
     import torch  # noqa: PLC0415
 
     from fedcollm.data.loaders import load_split, read_jsonl  # noqa: PLC0415
-    from fedcollm.eval.mcq import evaluate  # noqa: PLC0415
+    from fedcollm.eval.mcq import auto_batch_size, evaluate  # noqa: PLC0415
     from fedcollm.models.loading import (  # noqa: PLC0415
         load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
+    from fedcollm.train.memory import out_of_memory_advice, scoring_advice  # noqa: PLC0415
 
     device = resolve_device(args.device, "--device")
     model = load_base_model(args.model, resolve_dtype("auto", device))
@@ -182,7 +183,8 @@ def cmd_eval(args) -> int:
         records = load_split(args.data, args.split, args.data_path or "")
     if args.limit:
         records = records[: args.limit]
-    with torch.inference_mode():
+    with torch.inference_mode(), out_of_memory_advice(
+            f"scoring on {device}", scoring_advice(auto_batch_size(args.batch_size, device), "--batch-size")):
         res = evaluate(model, tok, records, max_length=args.max_length, batch_size=args.batch_size,
                        device=device, progress=True)
     print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.file or args.data,

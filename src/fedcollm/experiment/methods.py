@@ -33,8 +33,9 @@ import torch
 from fedcollm import checkpoint, components
 from fedcollm.config import Config
 from fedcollm.errors import FedCoLLMError
-from fedcollm.eval.mcq import evaluate
+from fedcollm.eval.mcq import auto_batch_size, evaluate
 from fedcollm.models.lora import adapter_state
+from fedcollm.train.memory import out_of_memory_advice, scoring_advice, training_advice
 from fedcollm.train.sft import sft
 
 Result = dict  # {"slm": {"acc", "acc_norm"} | None, "llm": ... | None, extra keys per method}
@@ -43,10 +44,11 @@ Result = dict  # {"slm": {"acc", "acc_norm"} | None, "llm": ... | None, extra ke
 def _scores(model, cfg: Config, which: str, desc: str) -> dict:
     """acc, acc_norm, n and which evaluation items were right (`correct`, `correct_norm`) of the
     SLM or LLM (`which`: its own tokenizer)."""
-    data = components.server_data(cfg)
-    return evaluate(model, components.tokenizer(cfg, which), data.evals, max_length=cfg.data.max_length,
-                    batch_size=cfg.run.eval_batch_size, device=components.device_of(cfg),
-                    progress=cfg.run.progress, desc=desc, requests=data.eval_requests[which])
+    data, device = components.server_data(cfg), components.device_of(cfg)
+    with out_of_memory_advice(f"{desc}: scoring on {device}", scoring_advice(auto_batch_size(cfg.run.eval_batch_size, device))):
+        return evaluate(model, components.tokenizer(cfg, which), data.evals, max_length=cfg.data.max_length,
+                        batch_size=cfg.run.eval_batch_size, device=device,
+                        progress=cfg.run.progress, desc=desc, requests=data.eval_requests[which])
 
 
 def adapter_digest(model) -> str:
@@ -64,10 +66,11 @@ def _train_epochs(cfg: Config) -> int:
 
 def _sft(model, examples, cfg: Config, which: str, seed: int, desc: str, resume: Path | None) -> dict:
     c = cfg.client
-    return sft(model, examples, epochs=_train_epochs(cfg), lr=c.lr, batch_size=c.batch_size,
-               pad_id=components.pad_id(cfg, which), seed=seed, device=components.device_of(cfg),
-               weight_decay=c.weight_decay, progress=cfg.run.progress, desc=desc, resume=resume,
-               micro_batch_size=c.micro_batch_size)
+    with out_of_memory_advice(f"{desc}: SFT on {components.device_of(cfg)}", training_advice("client", c.batch_size)):
+        return sft(model, examples, epochs=_train_epochs(cfg), lr=c.lr, batch_size=c.batch_size,
+                   pad_id=components.pad_id(cfg, which), seed=seed, device=components.device_of(cfg),
+                   weight_decay=c.weight_decay, progress=cfg.run.progress, desc=desc, resume=resume,
+                   micro_batch_size=c.micro_batch_size)
 
 
 def _in(workdir: Path | None, name: str) -> Path | None:

@@ -37,13 +37,14 @@ from fedcollm import checkpoint, components
 from fedcollm.config import Config
 from fedcollm.crash import maybe_kill
 from fedcollm.errors import FedCoLLMError
-from fedcollm.eval.mcq import evaluate
+from fedcollm.eval.mcq import auto_batch_size, evaluate
 from fedcollm.federated import privacy, reference, secagg, transport
 from fedcollm.federated.validate import update_problem
 from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, frozen_a_digest, load_adapter_ndarrays
 from fedcollm.progress import progress_bar
 from fedcollm.report import Recorder
 from fedcollm.train.distill import mutual_distill
+from fedcollm.train.memory import out_of_memory_advice, scoring_advice, training_advice
 
 
 def _mean_bytes(per_node: dict[int, int]) -> float:
@@ -253,22 +254,35 @@ class FedCoLLMStrategy(Strategy):
         t1 = time.time()
         maybe_kill("kd", rnd)  # tests: a crash in the middle of the server's round
         llm_before = adapter_to_ndarrays(self.llm)
-        kd = mutual_distill(
-            self.llm, self.slm, self.data.aux, self.cfg.distill, seed=self.cfg.run.seed * 7919 + rnd,
-            device=self.device, maps=components.vocab_maps(self.cfg), progress=self.cfg.run.progress)
+        try:
+            with out_of_memory_advice(f"the server's mutual KD on {self.device}",
+                                      training_advice("distill", self.cfg.distill.batch_size)):
+                kd = mutual_distill(
+                    self.llm, self.slm, self.data.aux, self.cfg.distill, seed=self.cfg.run.seed * 7919 + rnd,
+                    device=self.device, maps=components.vocab_maps(self.cfg), progress=self.cfg.run.progress)
+        except FedCoLLMError as e:  # out of memory part-way: both adapters half-trained
+            return self._end_on_last_good_state(llm_before, str(e))
         stats.update({f"kd_{k}": v for k, v in kd.items()})
         stats["kd_s"] = time.time() - t1
         diverged = [name for name, model in (("LLM", self.llm), ("SLM", self.slm))  # checked where they are
                     if not all(torch.isfinite(t).all() for t in adapter_state(model).values())]
-        if diverged:  # NaN adapters would score as if they were models: end the run on the last good state
-            load_adapter_ndarrays(self.llm, llm_before)
-            self.hold_reference()
-            self.aggregated = False
-            self.stopped = (f"the server's mutual KD diverged: the {' and '.join(diverged)} adapter holds NaN or Inf "
-                            f"(KD losses {', '.join(f'{k} {v:.4g}' for k, v in kd.items() if k != 'steps')}); "
-                            f"lower distill.lr = {self.cfg.distill.lr:g}")
-            return None, {}
+        if diverged:  # NaN adapters would score as if they were models
+            return self._end_on_last_good_state(llm_before, (
+                f"the server's mutual KD diverged: the {' and '.join(diverged)} adapter holds NaN or Inf "
+                f"(KD losses {', '.join(f'{k} {v:.4g}' for k, v in kd.items() if k != 'steps')}); "
+                f"lower distill.lr = {self.cfg.distill.lr:g}"))
         return self._broadcast(), {}
+
+    def _end_on_last_good_state(self, llm_before: list, reason: str) -> tuple[None, dict]:
+        """Fail this round and stop the run on the state the last round ended with (the LLM's
+        adapter from before this round's KD, the SLM's as the clients hold it): what is saved,
+        scored and resumed from."""
+        load_adapter_ndarrays(self.llm, llm_before)
+        self.hold_reference()
+        self.aggregated = False
+        components.release_cached_memory()
+        self.stopped = reason
+        return None, {}
 
     def evaluate(self, server_round, parameters):
         rnd = server_round + self.offset
@@ -326,9 +340,11 @@ class FedCoLLMStrategy(Strategy):
         models = {"slm": self.slm, **({"llm": self.llm} if self.llm is not None else {})}
         own = adapter_to_ndarrays(self.slm)
         self.hold_reference()  # the clients' SLM is the one scored: R, as the transport rounded it
-        scores = {name: evaluate(model, components.tokenizer(self.cfg, name), self.data.evals,
-                                 requests=self.data.eval_requests[name], desc=f"eval {name.upper()} r{rnd}", **kw)
-                  for name, model in models.items()}
+        with out_of_memory_advice(f"round {rnd}: scoring on {self.device}",
+                                  scoring_advice(auto_batch_size(self.cfg.run.eval_batch_size, self.device))):
+            scores = {name: evaluate(model, components.tokenizer(self.cfg, name), self.data.evals,
+                                     requests=self.data.eval_requests[name], desc=f"eval {name.upper()} r{rnd}", **kw)
+                      for name, model in models.items()}
         load_adapter_ndarrays(self.slm, own)
         self.last_items = {"round": rnd, "ids": [r.id for r in self.data.evals],
                            **{m: {k: s[k] for k in ("correct", "correct_norm")} for m, s in scores.items()}}
