@@ -44,7 +44,7 @@ from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, frozen_a_di
 from fedcollm.progress import progress_bar
 from fedcollm.report import Recorder
 from fedcollm.train.distill import mutual_distill
-from fedcollm.train.memory import out_of_memory_advice, scoring_advice, training_advice
+from fedcollm.train.memory import OutOfMemory, out_of_memory_advice, scoring_advice, training_advice
 
 
 def _mean_bytes(per_node: dict[int, int]) -> float:
@@ -260,7 +260,7 @@ class FedCoLLMStrategy(Strategy):
                 kd = mutual_distill(
                     self.llm, self.slm, self.data.aux, self.cfg.distill, seed=self.cfg.run.seed * 7919 + rnd,
                     device=self.device, maps=components.vocab_maps(self.cfg), progress=self.cfg.run.progress)
-        except FedCoLLMError as e:  # out of memory part-way: both adapters half-trained
+        except OutOfMemory as e:  # part-way through: both adapters half-trained
             return self._end_on_last_good_state(llm_before, str(e))
         stats.update({f"kd_{k}": v for k, v in kd.items()})
         stats["kd_s"] = time.time() - t1

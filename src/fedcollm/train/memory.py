@@ -13,6 +13,10 @@ import torch
 
 from fedcollm.errors import FedCoLLMError
 
+class OutOfMemory(FedCoLLMError):
+    """A step ran out of device memory (the message says which, and what to set)."""
+
+
 CHECKPOINTING = "model.activation_checkpointing = true (the same numbers, ~10x less activation memory)"
 
 
@@ -28,10 +32,10 @@ def scoring_advice(batch_size: int, setting: str = "run.eval_batch_size") -> str
 
 @contextlib.contextmanager
 def out_of_memory_advice(what: str, advice: str) -> Iterator[None]:
-    """Turn torch's OutOfMemoryError inside the block into a FedCoLLMError: what ran out, torch's
+    """Turn torch's OutOfMemoryError inside the block into an OutOfMemory: what ran out, torch's
     first line (how much was missing), and `advice`. Any other error passes through as it is."""
     try:
         yield
     except torch.OutOfMemoryError as e:
         lines = str(e).strip().splitlines()
-        raise FedCoLLMError(f"{what}: out of memory ({(lines[0] if lines else 'no detail')[:160]}); {advice}") from None
+        raise OutOfMemory(f"{what}: out of memory ({(lines[0] if lines else 'no detail')[:160]}); {advice}") from None
