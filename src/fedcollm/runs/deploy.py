@@ -82,10 +82,22 @@ class Federation:
         self.procs.append(proc)
         return proc
 
+    def ours(self) -> list[psutil.Process]:
+        """Every live process of this deployment, found by the FLWR_HOME they all inherit: also
+        one that no longer descends from the processes started here."""
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.pid != os.getpid() and proc.environ().get("FLWR_HOME") == self.env["FLWR_HOME"]:
+                    found.append(proc)
+        return found
+
     def stop(self) -> None:
         # The SuperLink starts the ServerApp in a session of its own: collect every descendant
         # first, or a ServerApp (with its models in memory) outlives a run that did not finish.
-        family = []
+        # And by FLWR_HOME, which they all inherit: once in many runs a test found a ServerApp
+        # still running after a stop that had collected descendants only.
+        family = self.ours()
         for proc in self.procs:
             try:
                 family += psutil.Process(proc.pid).children(recursive=True)
@@ -112,6 +124,11 @@ class Federation:
         for child in psutil.wait_procs(family, timeout=5)[1]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+        late = self.ours()  # started while this was stopping the others
+        for child in late:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(late, timeout=5)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([_bin("flwr"), *args], env=self.env, capture_output=True, text=True,
