@@ -13,6 +13,7 @@ import torch
 
 from fedcollm.errors import FedCoLLMError
 
+
 class OutOfMemory(FedCoLLMError):
     """A step ran out of device memory (the message says which, and what to set)."""
 
