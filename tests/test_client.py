@@ -65,7 +65,7 @@ def test_a_client_out_of_memory_says_which_settings_give_memory_back(smoke_cfg, 
     def oom(*_, **__):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
 
-    monkeypatch.setattr("fedcollm.federated.client_app.sft", oom)
+    monkeypatch.setattr("fedcollm.train.sft.sft_step", oom)
     message, config = first_message(smoke_cfg)
     with pytest.raises(FedCoLLMError) as got:
         SLMClient(smoke_cfg, 2).fit(message, config)
@@ -77,6 +77,6 @@ def test_a_client_out_of_memory_says_which_settings_give_memory_back(smoke_cfg, 
     def broken(*_, **__):
         raise RuntimeError("a bug keeps its traceback")
 
-    monkeypatch.setattr("fedcollm.federated.client_app.sft", broken)
+    monkeypatch.setattr("fedcollm.train.sft.sft_step", broken)
     with pytest.raises(RuntimeError, match="a bug keeps its traceback"):
         SLMClient(smoke_cfg, 2).fit(message, config)

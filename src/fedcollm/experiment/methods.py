@@ -35,7 +35,7 @@ from fedcollm.config import Config
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import auto_batch_size, evaluate
 from fedcollm.models.lora import adapter_state
-from fedcollm.train.memory import out_of_memory_advice, scoring_advice, training_advice
+from fedcollm.train.memory import out_of_memory_advice, scoring_advice
 from fedcollm.train.sft import sft
 
 Result = dict  # {"slm": {"acc", "acc_norm"} | None, "llm": ... | None, extra keys per method}
@@ -66,11 +66,10 @@ def _train_epochs(cfg: Config) -> int:
 
 def _sft(model, examples, cfg: Config, which: str, seed: int, desc: str, resume: Path | None) -> dict:
     c = cfg.client
-    with out_of_memory_advice(f"{desc}: SFT on {components.device_of(cfg)}", training_advice("client", c.batch_size)):
-        return sft(model, examples, epochs=_train_epochs(cfg), lr=c.lr, batch_size=c.batch_size,
-                   pad_id=components.pad_id(cfg, which), seed=seed, device=components.device_of(cfg),
-                   weight_decay=c.weight_decay, progress=cfg.run.progress, desc=desc, resume=resume,
-                   micro_batch_size=c.micro_batch_size)
+    return sft(model, examples, epochs=_train_epochs(cfg), lr=c.lr, batch_size=c.batch_size,
+               pad_id=components.pad_id(cfg, which), seed=seed, device=components.device_of(cfg),
+               weight_decay=c.weight_decay, progress=cfg.run.progress, desc=desc, resume=resume,
+               micro_batch_size=c.micro_batch_size)
 
 
 def _in(workdir: Path | None, name: str) -> Path | None:

@@ -18,7 +18,6 @@ from fedcollm.errors import FedCoLLMError
 from fedcollm.federated import privacy, reference, secagg, transport
 from fedcollm.federated.app_config import config_from_run_config
 from fedcollm.models.lora import adapter_to_ndarrays, frozen_a_digest, load_adapter_ndarrays
-from fedcollm.train.memory import out_of_memory_advice, training_advice
 from fedcollm.train.sft import sft
 
 
@@ -64,13 +63,11 @@ class SLMClient(NumPyClient):
         rnd = int(config.get("round", 0))
         seed = cfg.run.seed * 1_000_003 + rnd * 1009 + self.partition_id
         torch.manual_seed(seed)  # LoRA dropout: same run, same seed, same adapter
-        with out_of_memory_advice(f"client {self.partition_id} round {rnd}: SFT on {components.device_of(cfg)}",
-                                  training_advice("client", cfg.client.batch_size)):
-            stats = sft(model, examples, epochs=cfg.client.local_epochs, lr=cfg.client.lr,
-                        batch_size=cfg.client.batch_size, pad_id=components.pad_id(cfg, "slm"),
-                        seed=seed, device=components.device_of(cfg), weight_decay=cfg.client.weight_decay,
-                        progress=cfg.run.progress, desc=f"client {self.partition_id} round {rnd}",
-                        micro_batch_size=cfg.client.micro_batch_size)
+        stats = sft(model, examples, epochs=cfg.client.local_epochs, lr=cfg.client.lr,
+                    batch_size=cfg.client.batch_size, pad_id=components.pad_id(cfg, "slm"),
+                    seed=seed, device=components.device_of(cfg), weight_decay=cfg.client.weight_decay,
+                    progress=cfg.run.progress, desc=f"client {self.partition_id} round {rnd}",
+                    micro_batch_size=cfg.client.micro_batch_size)
         arrays = adapter_to_ndarrays(model)
         components.release_cached_memory()  # idle until next round: the GPU's memory serves others
         print(f"[fedcollm] client {self.partition_id} round {rnd}: {stats['steps']} steps, "

@@ -13,6 +13,7 @@ from fedcollm.data.encode import Encoded
 from fedcollm.models.logits import answer_logits
 from fedcollm.progress import PROGRESS_EVERY, progress_bar
 from fedcollm.train.batches import batches, num_batches, optimizer, trainable
+from fedcollm.train.memory import out_of_memory_advice, training_advice
 
 
 def sft_step(model, batch: list[dict[str, torch.Tensor]], opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -45,7 +46,19 @@ def sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: i
     resume: a file to continue from after its last complete epoch, rewritten after each epoch
     but the last: a long pass outside a federated run (centralized, standalone) that is cut short,
     by a GPU lease's end say, loses one epoch at most. The continued training equals the
-    uninterrupted one: adapter, optimizer, loss sum and RNG state are all kept."""
+    uninterrupted one: adapter, optimizer, loss sum and RNG state are all kept.
+
+    Out of device memory ends in one OutOfMemory line naming `desc`, the device and the client.*
+    settings that give memory back (every caller trains with the client section's settings)."""
+    with out_of_memory_advice(f"{desc}: SFT on {device}", training_advice("client", batch_size)):
+        return _sft(model, examples, epochs=epochs, lr=lr, batch_size=batch_size, pad_id=pad_id, seed=seed,
+                    device=device, weight_decay=weight_decay, progress=progress, desc=desc, resume=resume,
+                    micro_batch_size=micro_batch_size)
+
+
+def _sft(model, examples: list[Encoded], *, epochs: int, lr: float, batch_size: int, pad_id: int, seed: int,
+         device: torch.device, weight_decay: float, progress: bool, desc: str, resume: Path | None,
+         micro_batch_size: int) -> dict[str, float]:
     model.train()
     params = trainable(model)
     # A fresh optimizer per call: FedAvg clients start each round from the global adapter.
