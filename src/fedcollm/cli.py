@@ -156,12 +156,21 @@ def cmd_eval(args) -> int:
     import torch  # noqa: PLC0415
 
     from fedcollm.data.loaders import load_split, read_jsonl  # noqa: PLC0415
+    from fedcollm.data.records import only_multiple_choice  # noqa: PLC0415
     from fedcollm.eval.mcq import auto_batch_size, evaluate  # noqa: PLC0415
     from fedcollm.models.loading import (  # noqa: PLC0415
         load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
     from fedcollm.train.memory import out_of_memory_advice, scoring_advice  # noqa: PLC0415
 
     device = resolve_device(args.device, "--device")
+    # The items first: a file that cannot be scored is said before a model is loaded.
+    if args.file:
+        records = read_jsonl(args.file)
+    else:
+        records = load_split(args.data, args.split, args.data_path or "")
+    only_multiple_choice(records, args.file or f"{args.data} {args.split}", "scoring")
+    if args.limit:
+        records = records[: args.limit]
     model = load_base_model(args.model, resolve_dtype("auto", device))
     prune = None
     if args.prune:
@@ -177,12 +186,6 @@ def cmd_eval(args) -> int:
 
         model = load_saved_adapter(model, args.adapter, prune)
     tok = load_tokenizer(args.model)
-    if args.file:
-        records = read_jsonl(args.file)
-    else:
-        records = load_split(args.data, args.split, args.data_path or "")
-    if args.limit:
-        records = records[: args.limit]
     with torch.inference_mode(), out_of_memory_advice(
             f"scoring on {device}", scoring_advice(auto_batch_size(args.batch_size, device), "--batch-size")):
         res = evaluate(model, tok, records, max_length=args.max_length, batch_size=args.batch_size,

@@ -34,7 +34,8 @@ from fedcollm.config import Config
 from fedcollm.data.encode import Encoded, encode_for_training, encode_pairs
 from fedcollm.data.loaders import load_eval, load_train, read_jsonl, style_of
 from fedcollm.data.partition import Split, split_indices
-from fedcollm.data.records import MCQRecord, check_held_out, context, continuations
+from fedcollm.data.records import (
+    MCQRecord, Record, check_held_out, context, continuations, only_multiple_choice, training_pair)
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.mcq import Request, encode_requests
 from fedcollm.models.compat import checkpoint_activations
@@ -105,7 +106,7 @@ def pad_id(cfg: Config, model: str = "slm") -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
-def _held_out(records: list[MCQRecord], n: int) -> tuple[list[MCQRecord], list[MCQRecord]]:
+def _held_out(records: list[Record], n: int) -> tuple[list[Record], list[Record]]:
     """(the rest, n records held out): the same n for every run seed."""
     if n >= len(records):
         raise FedCoLLMError(f"config: data.holdout_examples = {n} leaves no training data ({len(records)} records)")
@@ -114,7 +115,7 @@ def _held_out(records: list[MCQRecord], n: int) -> tuple[list[MCQRecord], list[M
 
 
 @functools.lru_cache(maxsize=4)
-def train_split(cfg: Config) -> tuple[list[MCQRecord], Split]:
+def train_split(cfg: Config) -> tuple[list[Record], Split]:
     """The training records (less any held-out evaluation items) and their split into auxiliary
     and client parts."""
     d = cfg.data
@@ -126,20 +127,21 @@ def train_split(cfg: Config) -> tuple[list[MCQRecord], Split]:
     return train, split
 
 
-def _encode(cfg: Config, records: list[MCQRecord], model: str = "slm") -> list[Encoded]:
+def _encode(cfg: Config, records: list[Record], model: str = "slm") -> list[Encoded]:
     return encode_for_training(tokenizer(cfg, model), records, cfg.data.max_length)
 
 
-def _aux_set(cfg: Config, records: list[MCQRecord]) -> AuxSet:
+def _aux_set(cfg: Config, records: list[Record]) -> AuxSet:
     """The auxiliary records as the KD needs them: each model's tokenization of the correct
-    answers (with character spans when the tokenizers differ), and of every choice for
-    distill.level = choice."""
+    answers or completions (with character spans when the tokenizers differ), and of every choice
+    for distill.level = choice."""
     shared, n = shares_tokenizer(cfg), cfg.data.max_length
-    pairs = [(context(r), continuations(r)[r.answer]) for r in records]
+    pairs = [training_pair(r) for r in records]
     llm = encode_pairs(tokenizer(cfg), pairs, n, with_spans=not shared)
     slm = llm if shared else encode_pairs(tokenizer(cfg, "slm"), pairs, n, with_spans=True)
     choices = {}
     if cfg.distill.level == "choice":
+        only_multiple_choice(records, "the server's auxiliary data", "distill.level = 'choice'", "use 'token'")
         for model in ("llm", "slm"):
             flat = iter(encode_pairs(tokenizer(cfg, model), [(context(r), c) for r in records
                                                              for c in continuations(r)], n))
@@ -152,14 +154,16 @@ def _aux_set(cfg: Config, records: list[MCQRecord]) -> AuxSet:
 def server_data(cfg: Config) -> ServerData:
     if cfg.data.eval_split == "train_holdout":  # the server scores items held out of the training split
         _, evals = _held_out(load_train(cfg.data), cfg.data.holdout_examples)
+        where = f"{cfg.data.train_file or cfg.data.dataset} train_holdout"
     else:
         evals = load_eval(cfg.data)
+        where = cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
+    only_multiple_choice(evals, f"evaluation set ({where})", "scoring (accuracy over the choices)")
     if cfg.data.eval_examples and cfg.data.eval_examples < len(evals):
         evals = random.Random(EVAL_SUBSET_SEED).sample(evals, cfg.data.eval_examples)
     requests = {"llm": encode_requests(tokenizer(cfg), evals, cfg.data.max_length)}
     requests["slm"] = requests["llm"] if shares_tokenizer(cfg) else \
         encode_requests(tokenizer(cfg, "slm"), evals, cfg.data.max_length)
-    where = cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
     if cfg.data.aux_file:
         aux = read_jsonl(cfg.data.aux_file, style_of(cfg.data))
         check_held_out(evals, aux, where)  # the only training data this server has

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcollm.data.records import MCQRecord, context, continuations
+from fedcollm.data.records import Record, training_pair
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ def encode_pair(tokenizer, ctx: str, cont: str, max_length: int) -> Encoded:
     return encode_pairs(tokenizer, [(ctx, cont)], max_length)[0]
 
 
-def encode_for_training(tokenizer, recs: list[MCQRecord], max_length: int) -> list[Encoded]:
-    return encode_pairs(tokenizer, [(context(r), continuations(r)[r.answer]) for r in recs], max_length)
+def encode_for_training(tokenizer, recs: list[Record], max_length: int) -> list[Encoded]:
+    return encode_pairs(tokenizer, [training_pair(r) for r in recs], max_length)
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

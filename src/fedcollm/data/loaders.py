@@ -1,10 +1,12 @@
-"""Read multiple-choice QA splits from local files (or the Hugging Face hub, if reachable).
+"""Read QA splits from local files (or the Hugging Face hub, if reachable).
 
-Two line formats are read, detected per line:
+Three line formats are read, detected per line:
 - AI2 / original release format (ARC, OpenBookQA, CommonsenseQA):
   {"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}
 - the generic fedcollm MCQ form, for your own data:
   {"id"?: str, "question": str, "choices": [str, ...], "answer": int (0-based) | "B"}
+- instruction data in TRL's standard prompt-completion form (training only, records.Completion):
+  {"id"?: str, "prompt": str, "completion": str}
 
 Where a dataset is looked for, in order: the path the user gives (`data.path`), $FEDCOLLM_DATA,
 `../shared/data` beside the checkout (and beside the working directory), then the hub.
@@ -19,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcollm.data.records import MCQRecord
+from fedcollm.data.records import Completion, MCQRecord, Record
 from fedcollm.errors import FedCoLLMError
 
 
@@ -61,7 +63,20 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def _parse_line(obj: dict, style: str, where: str) -> MCQRecord:
+def _parse_completion(obj: dict, where: str) -> Completion:
+    prompt, completion = obj.get("prompt"), obj.get("completion")
+    if isinstance(prompt, list) or isinstance(completion, list):
+        raise FedCoLLMError(f"{where}: a conversational record (lists of messages) is not read; render it with "
+                            "your model's chat template into 'prompt' and 'completion' strings")
+    if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
+        raise FedCoLLMError(f"{where}: a prompt-completion record needs a 'prompt' string and a non-empty "
+                            "'completion' string")
+    return Completion(str(obj.get("id", where)), prompt, completion)
+
+
+def _parse_line(obj: dict, style: str, where: str) -> Record:
+    if "prompt" in obj and "question" not in obj:
+        return _parse_completion(obj, where)
     q = obj.get("question")
     if isinstance(q, dict):  # AI2 format
         stem, raw_choices, key = q.get("stem"), q.get("choices"), obj.get("answerKey")
@@ -88,11 +103,13 @@ def _parse_line(obj: dict, style: str, where: str) -> MCQRecord:
         if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
             raise FedCoLLMError(f"{where}: 'answer' must be a choice index or letter, got {obj.get('answer')!r}")
         return MCQRecord(str(obj.get("id", where)), q, tuple(choices), ans, style)
-    raise FedCoLLMError(f"{where}: no 'question' (AI2 format object or generic string)")
+    raise FedCoLLMError(f"{where}: no 'question' (AI2 format object or generic string) and no 'prompt' "
+                        "(prompt-completion form)")
 
 
-def read_jsonl(path: str | Path, style: str = "arc") -> list[MCQRecord]:
-    """Read one MCQ JSONL file; a malformed line is an error naming the file and line."""
+def read_jsonl(path: str | Path, style: str = "arc") -> list[Record]:
+    """Read one JSONL file of MCQ or prompt-completion records (mixed too); a malformed line is an
+    error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FedCoLLMError(f"data file {str(path)!r} not found")
@@ -129,7 +146,7 @@ def candidate_roots(user_path: str = "") -> list[Path]:
     return roots
 
 
-def _from_hub(spec: DatasetSpec, split: str) -> list[MCQRecord]:
+def _from_hub(spec: DatasetSpec, split: str) -> list[Record]:
     import datasets  # noqa: PLC0415 - only users with a hub get here
 
     name, conf = spec.hub
@@ -154,7 +171,7 @@ def _say_missing_path(user_path: str) -> None:
           "($FEDCOLLM_DATA, ../shared/data, the hub)", file=sys.stderr, flush=True)
 
 
-def load_split(dataset: str, split: str, user_path: str = "") -> list[MCQRecord]:
+def load_split(dataset: str, split: str, user_path: str = "") -> list[Record]:
     """Records of one split of a named dataset, from the first place that has it."""
     if dataset not in DATASETS:
         raise FedCoLLMError(f"unknown dataset {dataset!r} (known: {', '.join(DATASETS)})")
@@ -201,7 +218,7 @@ def style_of(cfg_data) -> str:
     return DATASETS[cfg_data.dataset].style if cfg_data.dataset in DATASETS else "arc"
 
 
-def load_train(cfg_data) -> list[MCQRecord]:
+def load_train(cfg_data) -> list[Record]:
     """The training split the config names (data.train_file overrides the dataset's own)."""
     if cfg_data.train_file:
         return read_jsonl(cfg_data.train_file, style_of(cfg_data))
@@ -211,7 +228,7 @@ def load_train(cfg_data) -> list[MCQRecord]:
     return load_split(cfg_data.dataset, "train", cfg_data.path)
 
 
-def load_eval(cfg_data) -> list[MCQRecord]:
+def load_eval(cfg_data) -> list[Record]:
     """The evaluation split the config names (data.eval_file overrides the dataset's own)."""
     if cfg_data.eval_file:
         return read_jsonl(cfg_data.eval_file, style_of(cfg_data))

@@ -18,7 +18,7 @@ import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-from fedcollm.data.records import MCQRecord
+from fedcollm.data.records import Record, only_multiple_choice, words_of
 from fedcollm.errors import FedCoLLMError
 
 
@@ -33,13 +33,13 @@ _STOP = set("a an the of to in on at by for with from and or is are was were be 
             "following best not than as into".split())
 
 
-def topic_labels(records: list[MCQRecord], k: int, seed: int, dims: int = 4096, iters: int = 25) -> list[int]:
+def topic_labels(records: list[Record], k: int, seed: int, dims: int = 4096, iters: int = 25) -> list[int]:
     """A topic per question: k-means (k-means++ start, seeded) over tf-idf-weighted, L2-normed
-    counts of the question's and choices' words, hashed into `dims` buckets. Cheap, deterministic
+    counts of the question's and choices' (or prompt's and completion's) words, hashed into `dims` buckets. Cheap, deterministic
     and dependency-free; it groups questions by subject (plants, magnets, weather, ...)."""
     rows = []
     for r in records:
-        words = [w for w in re.findall(r"[a-z]+", (r.question + " " + " ".join(r.choices)).lower())
+        words = [w for w in re.findall(r"[a-z]+", words_of(r).lower())
                  if len(w) > 2 and w not in _STOP]
         rows.append([zlib.crc32(w.encode()) % dims for w in words])
     x = np.zeros((len(rows), dims), np.float32)
@@ -64,7 +64,7 @@ def topic_labels(records: list[MCQRecord], k: int, seed: int, dims: int = 4096, 
 
 
 def split_indices(
-    records: list[MCQRecord], num_clients: int, scheme: str = "iid", alpha: float = 0.5,
+    records: list[Record], num_clients: int, scheme: str = "iid", alpha: float = 0.5,
     seed: int = 0, max_examples: int = 0, aux_fraction: float = 0.0, with_aux: bool = True,
     topics: int = 8,
 ) -> Split:
@@ -92,7 +92,10 @@ def split_indices(
         iid.dataset = Dataset.from_dict({"idx": rest})
         return Split(aux, tuple(tuple(iid.load_partition(k)["idx"]) for k in range(num_clients)))
     if scheme == "dirichlet":
-        label = [records[i].answer for i in rest]
+        picked = [records[i] for i in rest]
+        only_multiple_choice(picked, "data.partition = 'dirichlet'", "its label (the answer's position)",
+                             "use 'iid' or 'topic'")
+        label = [r.answer for r in picked]
     else:
         label = topic_labels([records[i] for i in rest], topics, seed)
     dirichlet = DirichletPartitioner(

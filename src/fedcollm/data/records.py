@@ -1,7 +1,11 @@
-"""The multiple-choice record and its prompt, formatted as lm-evaluation-harness does.
+"""The records a run reads: multiple-choice items, formatted as lm-evaluation-harness does, and
+prompt-completion (instruction) examples, for training only.
 
-Training and evaluation use the same text: the SLM is fine-tuned on `context + " " + answer`,
-and evaluation compares the log-likelihood of each `" " + choice` after `context`.
+An MCQ record trains and scores on the same text: the SLM is fine-tuned on `context + " " +
+answer`, and evaluation compares the log-likelihood of each `" " + choice` after `context`. A
+Completion trains on `prompt + completion` as given, the loss on the completion's tokens: the
+same training step, so clients, auxiliary data and KD take either kind (mixed too). Evaluation
+needs choices to score, so an evaluation set must be multiple choice.
 """
 
 from __future__ import annotations
@@ -18,6 +22,42 @@ class MCQRecord:
     choices: tuple[str, ...]
     answer: int  # index into choices
     style: str = "arc"  # prompt template: arc | openbookqa | commonsense_qa
+
+
+@dataclass(frozen=True)
+class Completion:
+    """An instruction example in TRL's standard prompt-completion form. The completion is learnt
+    after the prompt exactly as given (no separator or EOS is added: put them in the text)."""
+    id: str
+    prompt: str
+    completion: str
+
+
+Record = MCQRecord | Completion
+
+
+def training_pair(rec: Record) -> tuple[str, str]:
+    """(what the model reads, what it learns to continue with): the correct choice after the
+    lm-eval prompt for an MCQ record, the completion after the prompt for a Completion."""
+    if isinstance(rec, Completion):
+        return rec.prompt, rec.completion
+    return context(rec), continuations(rec)[rec.answer]
+
+
+def words_of(rec: Record) -> str:
+    """The record's text, for clustering records by topic."""
+    if isinstance(rec, Completion):
+        return rec.prompt + " " + rec.completion
+    return rec.question + " " + " ".join(rec.choices)
+
+
+def only_multiple_choice(records: list[Record], what: str, why: str, instead: str = "") -> None:
+    """Refuse prompt-completion records where choices are needed (`why` says for what)."""
+    found = [r for r in records if isinstance(r, Completion)]
+    if found:
+        raise FedCoLLMError(f"{what}: {len(found)} of {len(records)} records are prompt-completion records "
+                            f"(the first: {found[0].id}), and {why} needs multiple-choice records "
+                            f"(question, choices, answer){'; ' + instead if instead else ''}")
 
 
 def context(rec: MCQRecord) -> str:
@@ -38,17 +78,19 @@ def continuations(rec: MCQRecord) -> list[str]:
     return [f" {c}" for c in rec.choices]
 
 
-def shared_items(evals: list[MCQRecord], train: list[MCQRecord]) -> int:
+def shared_items(evals: list[MCQRecord], train: list[Record]) -> int:
     """How many evaluation items are also training items: the same question and choices, in
-    order, ignoring case and surrounding spaces."""
+    order, or (a prompt-completion training record) the item's prompt as the record's prompt,
+    ignoring case and surrounding spaces."""
     def key(r: MCQRecord) -> tuple:
         return r.question.strip().lower(), tuple(c.strip().lower() for c in r.choices)
 
-    seen = {key(r) for r in train}
-    return sum(key(r) in seen for r in evals)
+    seen = {key(r) for r in train if isinstance(r, MCQRecord)}
+    prompts = {r.prompt.strip().lower() for r in train if isinstance(r, Completion)}
+    return sum(key(r) in seen or context(r).strip().lower() in prompts for r in evals)
 
 
-def check_held_out(evals: list[MCQRecord], train: list[MCQRecord], where: str) -> None:
+def check_held_out(evals: list[MCQRecord], train: list[Record], where: str) -> None:
     """Refuse an evaluation set that is mostly training items (e.g. data.eval_file naming the
     training file: its scores would be reported as test accuracy); say how many there are
     otherwise (ARC-Easy's test split repeats 2 of its training items)."""
