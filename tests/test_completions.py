@@ -1,10 +1,15 @@
 """Instruction data in prompt-completion form: read beside MCQ lines, trained on as the MCQ items
-it can spell (to the token), distilled across tokenizers, and refused where choices are needed."""
+it can spell (to the token), distilled across tokenizers, scored by its loss as an evaluation
+set (end to end: a Flower run and `fedcollm eval`), and refused where choices are needed."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,10 @@ from fedcollm.data.loaders import read_jsonl
 from fedcollm.data.partition import split_indices
 from fedcollm.data.records import Completion, MCQRecord, continuations, context, shared_items
 from fedcollm.errors import FedCoLLMError
+from fedcollm.eval import scoring
 from fedcollm.train.distill import kd_step
+
+from conftest import COLORS, THINGS
 
 INSTRUCTIONS = [  # free-form answers of different lengths, as instruction data has
     ("Name a primary color.\n", "Red is one of the three primary colors."),
@@ -100,17 +108,73 @@ def test_token_level_kd_on_free_form_completions_carries_gradient_into_both_adap
         assert grads and sum(g.abs().sum().item() for g in grads) > 0
 
 
-def test_an_evaluation_set_must_be_multiple_choice(smoke_cfg, tmp_path):
-    evals = _as_completions(Path(smoke_cfg.data.eval_file), tmp_path / "eval.jsonl")
-    with pytest.raises(FedCoLLMError, match=r"evaluation set \(.*eval.jsonl\): 12 of 12 records are prompt-completion "
-                                            r"records \(the first: q1-0\), and scoring \(accuracy over the choices\) "
-                                            r"needs multiple-choice records"):
-        components.server_data(_with(smoke_cfg, eval_file=str(evals)))
-    # Items held out of a training split of completions cannot be scored either.
+def _instructions(path: Path, n: int, template: str, seed: int) -> Path:
+    """n prompt-completion records about the colours of things, prompts phrased by `template`."""
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for i in range(n):
+            k = rng.randrange(len(THINGS))
+            fh.write(json.dumps({"id": f"{path.stem}-{i}", "prompt": template.format(THINGS[k]),
+                                 "completion": f" The {THINGS[k]} is {COLORS[k]}."}) + "\n")
+    return path
+
+
+def _hand_loss(model, examples) -> float:
+    """Mean NLL over the completion tokens, from whole-sequence logits, one example at a time."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([e.ids])).logits[0].double(), -1)
+            for t in range(len(e.ids) - e.n_target, len(e.ids)):
+                total -= logp[t - 1, e.ids[t]].item()
+            tokens += e.n_target
+    return total / tokens
+
+
+def test_a_completion_evaluation_set_is_scored_by_its_loss(smoke_cfg, tmp_path):
+    evals = _instructions(tmp_path / "eval.jsonl", 7, "Tell me the colour of the {}.\n", 1)
+    cfg = _with(smoke_cfg, eval_file=str(evals))
+    data = components.server_data(cfg)
+    assert data.eval_kind == scoring.COMPLETION and len(data.eval_requests["slm"]) == 7
+    slm = components.build_slm(cfg)
+    got = scoring.score(slm, components.tokenizer(cfg, "slm"), data.evals, data.eval_requests["slm"],
+                        batch_size=3, device=torch.device("cpu"))
+    assert got["loss"] == pytest.approx(_hand_loss(slm, data.eval_requests["slm"]), rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(got["loss"])) and got["n"] == 7
+    assert got["tokens"] == sum(e.n_target for e in data.eval_requests["slm"])
+    assert scoring.metrics_of(got) == ("loss", "ppl")
+
+
+def test_an_evaluation_set_of_both_kinds_is_refused(smoke_cfg, tmp_path):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(Path(smoke_cfg.data.eval_file).read_text()
+                     + _instructions(tmp_path / "more.jsonl", 2, "Colour of the {}?\n", 2).read_text())
+    with pytest.raises(FedCoLLMError, match=r"evaluation set \(.*mixed.jsonl\): mixes multiple-choice records "
+                                            r"\(the first: q1-0\) with prompt-completion records \(the first: "
+                                            r"more-0\); score them as two sets"):
+        components.server_data(_with(smoke_cfg, eval_file=str(mixed)))
+
+
+def test_a_completion_evaluation_set_whose_prompts_training_saw_is_refused(smoke_cfg, tmp_path):
     train = _as_completions(Path(smoke_cfg.data.train_file), tmp_path / "train.jsonl")
-    with pytest.raises(FedCoLLMError, match=r"evaluation set \(.* train_holdout\): 10 of 10 records are prompt-"):
+    # The synthetic questions repeat: every held-out prompt (16 picked for scoring) was trained on.
+    with pytest.raises(FedCoLLMError, match=r"data: 16 of 16 evaluation items \(.*train_holdout\) are training"):
         components.server_data(_with(smoke_cfg, train_file=str(train), eval_split="train_holdout",
-                                     holdout_examples=10))
+                                     holdout_examples=48))
+
+
+def test_an_experiment_refuses_a_completion_evaluation_set_before_it_runs(smoke_overrides, tmp_path, capsys):
+    from fedcollm.cli import main  # noqa: PLC0415
+
+    evals = _instructions(tmp_path / "eval.jsonl", 4, "Tell me the colour of the {}.\n", 1)
+    argv = ["experiment", "--preset", "smoke", "--out", str(tmp_path / "exp")]
+    for o in [*smoke_overrides, f'data.eval_file="{evals}"']:
+        argv += ["--set", o]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "is prompt-completion data; its tables compare accuracies, so it needs a multiple-choice evaluation set "
+        "(fedcollm run scores prompt-completion data by its loss)")
+    assert not (tmp_path / "exp").exists()
 
 
 def test_choice_level_kd_and_the_answer_position_split_are_refused_for_completions(smoke_cfg, tmp_path):
@@ -137,15 +201,34 @@ def test_an_evaluation_item_whose_prompt_a_completion_trained_on_counts_as_a_tra
     assert shared_items([item], [Completion("t", "Question: What is 3+3?\nAnswer:", " 6")]) == 0
 
 
-def test_the_eval_command_refuses_a_completion_file_before_it_loads_a_model(smoke_cfg, tmp_path, capsys, monkeypatch):
-    from fedcollm.cli import main  # noqa: PLC0415
-
-    def no_model(*_, **__):
-        raise AssertionError("a model was loaded for items that cannot be scored")
-
-    monkeypatch.setattr("fedcollm.models.loading.load_base_model", no_model)
-    evals = _as_completions(Path(smoke_cfg.data.eval_file), tmp_path / "eval.jsonl")
-    assert main(["eval", "--model", "tiny-random", "--file", str(evals)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith(f"{evals}: 12 of 12 records are prompt-completion records (the first: q1-0), and scoring "
-                            "needs multiple-choice records (question, choices, answer)")
+def test_a_run_on_instruction_data_reports_its_loss_as_fedcollm_eval_scores_it(tmp_path):
+    """A Flower simulation trains on prompt-completion data and scores a prompt-completion set
+    every round; `fedcollm eval` on the saved SLM adapter gives the run's last loss."""
+    train = _instructions(tmp_path / "train.jsonl", 60, "What colour is the {}? Answer in a sentence.\n", 0)
+    evals = _instructions(tmp_path / "eval.jsonl", 9, "Tell me the colour of the {}.\n", 1)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fedcollm.cli", "run", "--preset", "smoke", "--out", str(out),
+                           "--set", 'data.dataset="mcq_jsonl"', "--set", f'data.train_file="{train}"',
+                           "--set", f'data.eval_file="{evals}"', "--set", "data.num_clients=3",
+                           "--set", "run.progress=false"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if "slm" in r]
+    assert [r["round"] for r in scored] == [0, 1, 2]
+    for r in scored:
+        for model in ("slm", "llm"):
+            assert set(r[model]) == {"loss", "ppl", "n"} and r[model]["n"] == 9
+            assert r[model]["ppl"] == pytest.approx(math.exp(r[model]["loss"]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["slm"] == {k: scored[-1]["slm"][k] for k in ("loss", "ppl")}
+    report = (out / "report.md").read_text()
+    assert "| round | SLM loss | SLM ppl | LLM loss | LLM ppl | client loss |" in report
+    assert "mean negative log-likelihood per token (nats) and its perplexity" in report
+    assert (out / "loss.png").stat().st_size > 0 and not (out / "accuracy.png").exists()
+    assert f"SLM loss {scored[-1]['slm']['loss']:.3f}" in proc.stdout
+    got = subprocess.run([sys.executable, "-m", "fedcollm.cli", "eval", "--model", "tiny-random", "--prune", "1,1",
+                          "--adapter", str(out / "adapters" / "slm"), "--file", str(evals)],
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    line = json.loads(got.stdout.strip().splitlines()[-1])
+    assert line["n"] == 9 and line["loss"] == pytest.approx(summary["slm"]["loss"], rel=1e-5)

@@ -79,7 +79,9 @@ def cmd_experiment(args) -> int:
     import shlex  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    from fedcollm.experiment.methods import METHODS  # noqa: PLC0415
+    from fedcollm import components  # noqa: PLC0415
+    from fedcollm.eval import scoring  # noqa: PLC0415
+    from fedcollm.experiment.methods import METHODS, check_multiple_choice  # noqa: PLC0415
     from fedcollm.experiment.runner import run_experiment  # noqa: PLC0415
 
     base = _config(args)
@@ -87,8 +89,9 @@ def cmd_experiment(args) -> int:
     datasets = _listed(args.datasets, "--datasets") if args.datasets else [base.data.dataset]
     from fedcollm.config import load_config  # noqa: PLC0415
 
-    for d in datasets:  # each dataset's config is validated before anything runs
-        load_config(args.config, [*args.overrides, f"data.dataset={json.dumps(d)}"], args.preset)
+    for d in datasets:  # each dataset's config, and its evaluation set's kind, checked before anything runs
+        cfg = load_config(args.config, [*args.overrides, f"data.dataset={json.dumps(d)}"], args.preset)
+        check_multiple_choice(scoring.kind_of(*components.eval_records(cfg)), cfg)
     out = Path(args.out or "runs/experiment")
     command = shlex.join(["fedcollm", *sys.argv[1:]])
     if args.aux_fractions:
@@ -156,19 +159,20 @@ def cmd_eval(args) -> int:
     import torch  # noqa: PLC0415
 
     from fedcollm.data.loaders import load_split, read_jsonl  # noqa: PLC0415
-    from fedcollm.data.records import only_multiple_choice  # noqa: PLC0415
-    from fedcollm.eval.mcq import auto_batch_size, evaluate  # noqa: PLC0415
+    from fedcollm.eval import scoring  # noqa: PLC0415
+    from fedcollm.eval.mcq import auto_batch_size  # noqa: PLC0415
     from fedcollm.models.loading import (  # noqa: PLC0415
         load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
     from fedcollm.train.memory import out_of_memory_advice, scoring_advice  # noqa: PLC0415
 
     device = resolve_device(args.device, "--device")
-    # The items first: a file that cannot be scored is said before a model is loaded.
+    # The items first: a file that cannot be scored (a mix of kinds) is said before a model loads.
     if args.file:
         records = read_jsonl(args.file)
     else:
         records = load_split(args.data, args.split, args.data_path or "")
-    only_multiple_choice(records, args.file or f"{args.data} {args.split}", "scoring")
+    where = args.file or f"{args.data} {args.split}"
+    scoring.kind_of(records, where)
     if args.limit:
         records = records[: args.limit]
     model = load_base_model(args.model, resolve_dtype("auto", device))
@@ -188,10 +192,10 @@ def cmd_eval(args) -> int:
     tok = load_tokenizer(args.model)
     with torch.inference_mode(), out_of_memory_advice(
             f"scoring on {device}", scoring_advice(auto_batch_size(args.batch_size, device), "--batch-size")):
-        res = evaluate(model, tok, records, max_length=args.max_length, batch_size=args.batch_size,
-                       device=device, progress=True)
+        res = scoring.score(model, tok, records, scoring.prepare(tok, records, args.max_length, where),
+                            batch_size=args.batch_size, device=device, progress=True)
     print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.file or args.data,
-                      "split": args.split, **{k: res[k] for k in ("acc", "acc_norm", "n")}}))
+                      "split": args.split, **{k: res[k] for k in (*scoring.metrics_of(res), "n")}}))
     return 0
 
 
@@ -264,12 +268,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="use cached results of other code versions as they are (the table says so)")
     p_exp.set_defaults(func=cmd_experiment)
 
-    p_eval = sub.add_parser("eval", help="score one model (+ adapter) on a multiple-choice split")
+    p_eval = sub.add_parser("eval", help="score one model (+ adapter): accuracy on a multiple-choice split, "
+                            "or the loss of a file of prompt-completion records")
     p_eval.add_argument("--model", required=True, help="smollm2-135m | tiny-random | HF id | folder | .gguf")
     p_eval.add_argument("--adapter", help="a saved LoRA adapter folder (adapters/slm or adapters/llm)")
     p_eval.add_argument("--prune", help="FIRST,LAST: keep these many first/last layers (the SLM base)")
     p_eval.add_argument("--data", default="arc_easy", help="arc_easy | arc_challenge | openbookqa | commonsense_qa")
-    p_eval.add_argument("--file", help="an MCQ JSONL file instead of --data")
+    p_eval.add_argument("--file", help="a JSONL file instead of --data: MCQ or prompt-completion records")
     p_eval.add_argument("--data-path", help="data root to search first")
     p_eval.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p_eval.add_argument("--limit", type=_at_least(0), default=0, help="score the first N items (0: all)")

@@ -34,10 +34,10 @@ from fedcollm.config import Config
 from fedcollm.data.encode import Encoded, encode_for_training, encode_pairs
 from fedcollm.data.loaders import load_eval, load_train, read_jsonl, style_of
 from fedcollm.data.partition import Split, split_indices
-from fedcollm.data.records import (
-    MCQRecord, Record, check_held_out, context, continuations, only_multiple_choice, training_pair)
+from fedcollm.data.records import Record, check_held_out, context, continuations, only_multiple_choice, training_pair
 from fedcollm.errors import FedCoLLMError
-from fedcollm.eval.mcq import Request, encode_requests
+from fedcollm.eval import scoring
+from fedcollm.eval.mcq import Request
 from fedcollm.models.compat import checkpoint_activations
 from fedcollm.models.loading import (
     cache_root, load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
@@ -51,8 +51,11 @@ EVAL_SUBSET_SEED = 1234  # the same evaluation items for every run seed, so seed
 @dataclass(frozen=True)
 class ServerData:
     aux: AuxSet  # as each model tokenizes it
-    evals: list[MCQRecord]
-    eval_requests: dict[str, list[Request]]  # "llm" / "slm": each model's own tokenization
+    evals: list[Record]  # multiple choice, or prompt-completion (eval/scoring.py: `eval_kind`)
+    eval_kind: str
+    # "llm" / "slm": each model's own tokenization (scoring.prepare: each question's choices, or
+    # each prompt-completion pair)
+    eval_requests: dict[str, list[Request] | list[Encoded]]
     # Example count of each client part where the server can compute the split; None when it has
     # only data.aux_file (then federation.max_client_examples bounds the weights).
     client_sizes: tuple[int, ...] | None
@@ -150,27 +153,30 @@ def _aux_set(cfg: Config, records: list[Record]) -> AuxSet:
                   tuple(r.answer for r in records) if choices else None)
 
 
+def eval_records(cfg: Config) -> tuple[list[Record], str]:
+    """The whole evaluation set (before data.eval_examples picks from it) and where it is from."""
+    if cfg.data.eval_split == "train_holdout":  # the server scores items held out of the training split
+        return _held_out(load_train(cfg.data), cfg.data.holdout_examples)[1], \
+            f"{cfg.data.train_file or cfg.data.dataset} train_holdout"
+    return load_eval(cfg.data), cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
+
+
 @functools.lru_cache(maxsize=4)
 def server_data(cfg: Config) -> ServerData:
-    if cfg.data.eval_split == "train_holdout":  # the server scores items held out of the training split
-        _, evals = _held_out(load_train(cfg.data), cfg.data.holdout_examples)
-        where = f"{cfg.data.train_file or cfg.data.dataset} train_holdout"
-    else:
-        evals = load_eval(cfg.data)
-        where = cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
-    only_multiple_choice(evals, f"evaluation set ({where})", "scoring (accuracy over the choices)")
+    evals, where = eval_records(cfg)
+    kind = scoring.kind_of(evals, where)
     if cfg.data.eval_examples and cfg.data.eval_examples < len(evals):
         evals = random.Random(EVAL_SUBSET_SEED).sample(evals, cfg.data.eval_examples)
-    requests = {"llm": encode_requests(tokenizer(cfg), evals, cfg.data.max_length)}
+    requests = {"llm": scoring.prepare(tokenizer(cfg), evals, cfg.data.max_length, where)}
     requests["slm"] = requests["llm"] if shares_tokenizer(cfg) else \
-        encode_requests(tokenizer(cfg, "slm"), evals, cfg.data.max_length)
+        scoring.prepare(tokenizer(cfg, "slm"), evals, cfg.data.max_length, where)
     if cfg.data.aux_file:
         aux = read_jsonl(cfg.data.aux_file, style_of(cfg.data))
         check_held_out(evals, aux, where)  # the only training data this server has
-        return ServerData(_aux_set(cfg, aux), evals, requests, None)
+        return ServerData(_aux_set(cfg, aux), evals, kind, requests, None)
     train, split = train_split(cfg)
     check_held_out(evals, [train[i] for i in itertools.chain(split.aux, *split.clients)], where)
-    return ServerData(_aux_set(cfg, [train[i] for i in split.aux]), evals, requests,
+    return ServerData(_aux_set(cfg, [train[i] for i in split.aux]), evals, kind, requests,
                       tuple(len(part) for part in split.clients))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcollm.data.loaders import eval_split_note
+from fedcollm.eval.metrics import COMPLETION, MCQ, METRICS, metrics_of
 
 
 def _fmt(x: Any, pct: bool = False) -> str:
@@ -54,23 +55,32 @@ class Recorder:
         self.rows.append(row)
         self._append(row)
         if self.echo and "slm" in row:
-            print(f"[fedcollm] round {row['round']}: SLM acc {_pct(row, 'slm', 'acc')} "
-                  f"acc_norm {_pct(row, 'slm', 'acc_norm')} | LLM acc {_pct(row, 'llm', 'acc')} "
-                  f"acc_norm {_pct(row, 'llm', 'acc_norm')}", flush=True)
+            names = _metrics([row])
+            print(f"[fedcollm] round {row['round']}: " + " | ".join(
+                f"{model.upper()} " + " ".join(f"{m} {_score(row, model, m)}" for m in names)
+                for model in ("slm", "llm")), flush=True)
 
 
-def _pct(row: dict, model: str, metric: str) -> str:
-    """A row's accuracy in %, or – where that model was not scored (or the server has no LLM)."""
+def _metrics(rows: list[dict]) -> tuple[str, ...]:
+    """The figures the rows hold: accuracies, or loss and perplexity (prompt-completion data)."""
+    scored = [r[m] for r in rows for m in ("slm", "llm") if r.get(m)]
+    return metrics_of(scored[0]) if scored else METRICS[MCQ]
+
+
+def _score(row: dict, model: str, metric: str) -> str:
+    """A row's figure (accuracies in %), or – where that model was not scored (or the server has
+    no LLM)."""
     scores = row.get(model)
-    return _fmt(scores[metric], True) if scores else "–"
+    return _fmt(scores[metric], metric.startswith("acc")) if scores else "–"
 
 
-def _accuracies(scores: dict | None) -> dict | None:
-    return {k: scores[k] for k in ("acc", "acc_norm")} if scores else None
+def _figures(scores: dict | None) -> dict | None:
+    return {k: scores[k] for k in metrics_of(scores)} if scores else None
 
 
 def build_summary(rows: list[dict], comm: dict, extra: dict) -> dict:
-    """`slm`/`llm` are the last scored round's accuracies (`llm` None when the server has none)."""
+    """`slm`/`llm` are the last scored round's accuracies, or loss and perplexity on
+    prompt-completion data (`llm` None when the server has none)."""
     last = [r for r in rows if "slm" in r][-1]
     fit_rows = [r for r in rows if "bytes_up_per_client" in r]
     up = max((r["bytes_up_per_client"] for r in fit_rows), default=0.0)
@@ -79,7 +89,7 @@ def build_summary(rows: list[dict], comm: dict, extra: dict) -> dict:
     comm.update({"bytes_up_per_client_round": up, "bytes_down_per_client_round": down,
                  "up_ratio_to_fp32_slm": up / comm["full_slm_fp32_bytes"],
                  "down_ratio_to_fp32_slm": down / comm["full_slm_fp32_bytes"]})
-    return {"rounds": rows[-1]["round"], "slm": _accuracies(last["slm"]), "llm": _accuracies(last["llm"]),
+    return {"rounds": rows[-1]["round"], "slm": _figures(last["slm"]), "llm": _figures(last["llm"]),
             "comm": comm,
             "eval_examples": last["slm"]["n"], **extra}
 
@@ -87,15 +97,18 @@ def build_summary(rows: list[dict], comm: dict, extra: dict) -> dict:
 def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
     c = summary["comm"]
     note = eval_split_note(summary["dataset"], summary["eval_split"])
+    names = _metrics(rows)
+    how = ("the completions' mean negative log-likelihood per token (nats) and its perplexity, lower is better"
+           if names == METRICS[COMPLETION] else
+           "zero-shot multiple-choice log-likelihood as in lm-evaluation-harness; accuracies in %")
+    columns = [f"{model} {m}" for model in ("SLM", "LLM") for m in names]
     lines = [
         f"# FedCoLLM run: {summary['dataset']}", "",
         f"Command: `{command}`", "",
         f"Evaluation: {summary['eval_examples']} {summary['dataset']} items ({summary['eval_split']} split"
-        f"{'; ' + note if note else ''}), "
-        "zero-shot multiple-choice log-likelihood as in lm-evaluation-harness; accuracies in %. "
-        "Round 0 is before any training.", "",
-        "| round | SLM acc | SLM acc_norm | LLM acc | LLM acc_norm | client loss | KD CE (LLM/SLM) | KD KL (LLM/SLM) | up B/client | down B/client |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"{'; ' + note if note else ''}), {how}. Round 0 is before any training.", "",
+        f"| round | {' | '.join(columns)} | client loss | KD CE (LLM/SLM) | KD KL (LLM/SLM) | up B/client | down B/client |",
+        "|---|" + "---|" * (len(columns) + 5),
     ]
     dp = summary.get("privacy")
     if dp:  # ε after each round, as a last column
@@ -103,8 +116,8 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
         lines[-1] = lines[-1] + "---|"
     for r in rows:
         lines.append(
-            f"| {r['round']} | {_pct(r, 'slm', 'acc')} | {_pct(r, 'slm', 'acc_norm')} | "
-            f"{_pct(r, 'llm', 'acc')} | {_pct(r, 'llm', 'acc_norm')} | {_fmt(r.get('client_loss'))} | "
+            f"| {r['round']} | " + "".join(f"{_score(r, model, m)} | " for model in ("slm", "llm") for m in names)
+            + f"{_fmt(r.get('client_loss'))} | "
             f"{_fmt(r.get('kd_ce_llm'))}/{_fmt(r.get('kd_ce_slm'))} | {_fmt(r.get('kd_kl_llm'))}/{_fmt(r.get('kd_kl_slm'))} | "
             f"{_bytes(r.get('bytes_up_per_client'))} | {_bytes(r.get('bytes_down_per_client'))} |"
             + (f" {_fmt(r.get('epsilon'))} |" if dp else ""))
@@ -167,19 +180,24 @@ def plot_rounds(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, metric in zip(axes, ("acc", "acc_norm")):
+    names = _metrics(rows)
+    accuracy = names == METRICS[MCQ]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=accuracy)
+    for ax, metric in zip(axes, names):
+        scale = 100 if accuracy else 1
         for model, style in (("slm", "o-"), ("llm", "s--")):
             scored = [r for r in rows if r.get(model)]
             if scored:
-                ax.plot([r["round"] for r in scored], [100 * r[model][metric] for r in scored], style,
+                ax.plot([r["round"] for r in scored], [scale * r[model][metric] for r in scored], style,
                         label=model.upper())
         rounds = [r["round"] for r in rows]
         ax.set_xlabel("round")
         ax.set_title(metric)
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylabel("accuracy (%)" if accuracy else "completion loss (nats per token)")
+    if not accuracy:
+        axes[1].set_ylabel("perplexity")
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -190,4 +208,5 @@ def plot_rounds(rows: list[dict], path: Path, title: str) -> None:
 def write_outputs(out: Path, rows: list[dict], summary: dict, command: str) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(summary, rows, command))
-    plot_rounds(rows, out / "accuracy.png", f"FedCoLLM on {summary['dataset']}")
+    name = "accuracy.png" if _metrics(rows) == METRICS[MCQ] else "loss.png"
+    plot_rounds(rows, out / name, f"FedCoLLM on {summary['dataset']}")

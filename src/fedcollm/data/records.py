@@ -1,11 +1,11 @@
 """The records a run reads: multiple-choice items, formatted as lm-evaluation-harness does, and
-prompt-completion (instruction) examples, for training only.
+prompt-completion (instruction) examples.
 
 An MCQ record trains and scores on the same text: the SLM is fine-tuned on `context + " " +
 answer`, and evaluation compares the log-likelihood of each `" " + choice` after `context`. A
 Completion trains on `prompt + completion` as given, the loss on the completion's tokens: the
-same training step, so clients, auxiliary data and KD take either kind (mixed too). Evaluation
-needs choices to score, so an evaluation set must be multiple choice.
+same training step, so clients, auxiliary data and KD take either kind (mixed too). As an
+evaluation set, completions are scored by that loss (eval/completion.py), not by accuracy.
 """
 
 from __future__ import annotations
@@ -78,19 +78,25 @@ def continuations(rec: MCQRecord) -> list[str]:
     return [f" {c}" for c in rec.choices]
 
 
-def shared_items(evals: list[MCQRecord], train: list[Record]) -> int:
-    """How many evaluation items are also training items: the same question and choices, in
-    order, or (a prompt-completion training record) the item's prompt as the record's prompt,
-    ignoring case and surrounding spaces."""
+def shared_items(evals: list[Record], train: list[Record]) -> int:
+    """How many evaluation items are also training items, ignoring case and surrounding spaces:
+    an MCQ item whose question and choices (in order) an MCQ training record has, or whose prompt
+    a prompt-completion training record has; a prompt-completion item whose prompt any training
+    record has (an MCQ record's prompt being its lm-eval prompt)."""
     def key(r: MCQRecord) -> tuple:
         return r.question.strip().lower(), tuple(c.strip().lower() for c in r.choices)
 
-    seen = {key(r) for r in train if isinstance(r, MCQRecord)}
-    prompts = {r.prompt.strip().lower() for r in train if isinstance(r, Completion)}
-    return sum(key(r) in seen or context(r).strip().lower() in prompts for r in evals)
+    def prompt(r: Record) -> str:
+        return training_pair(r)[0].strip().lower()
+
+    mcq = {key(r) for r in train if isinstance(r, MCQRecord)}
+    completion_prompts = {prompt(r) for r in train if isinstance(r, Completion)}
+    prompts = completion_prompts | {prompt(r) for r in train if isinstance(r, MCQRecord)}
+    return sum(prompt(r) in prompts if isinstance(r, Completion) else
+               key(r) in mcq or prompt(r) in completion_prompts for r in evals)
 
 
-def check_held_out(evals: list[MCQRecord], train: list[Record], where: str) -> None:
+def check_held_out(evals: list[Record], train: list[Record], where: str) -> None:
     """Refuse an evaluation set that is mostly training items (e.g. data.eval_file naming the
     training file: its scores would be reported as test accuracy); say how many there are
     otherwise (ARC-Easy's test split repeats 2 of its training items)."""

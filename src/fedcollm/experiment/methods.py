@@ -33,7 +33,8 @@ import torch
 from fedcollm import checkpoint, components
 from fedcollm.config import Config
 from fedcollm.errors import FedCoLLMError
-from fedcollm.eval.mcq import auto_batch_size, evaluate
+from fedcollm.eval import scoring
+from fedcollm.eval.mcq import auto_batch_size
 from fedcollm.models.lora import adapter_state
 from fedcollm.train.memory import out_of_memory_advice, scoring_advice
 from fedcollm.train.sft import sft
@@ -45,10 +46,20 @@ def _scores(model, cfg: Config, which: str, desc: str) -> dict:
     """acc, acc_norm, n and which evaluation items were right (`correct`, `correct_norm`) of the
     SLM or LLM (`which`: its own tokenizer)."""
     data, device = components.server_data(cfg), components.device_of(cfg)
+    check_multiple_choice(data.eval_kind, cfg)
     with out_of_memory_advice(f"{desc}: scoring on {device}", scoring_advice(auto_batch_size(cfg.run.eval_batch_size, device))):
-        return evaluate(model, components.tokenizer(cfg, which), data.evals, max_length=cfg.data.max_length,
-                        batch_size=cfg.run.eval_batch_size, device=device,
-                        progress=cfg.run.progress, desc=desc, requests=data.eval_requests[which])
+        return scoring.score(model, components.tokenizer(cfg, which), data.evals, data.eval_requests[which],
+                             batch_size=cfg.run.eval_batch_size, device=device, progress=cfg.run.progress, desc=desc)
+
+
+def check_multiple_choice(kind: str, cfg: Config) -> None:
+    """An experiment's tables are accuracies with paired tests over the items: refuse an
+    evaluation set of prompt-completion records (a `fedcollm run` scores those by their loss)."""
+    if kind != scoring.MCQ:
+        raise FedCoLLMError(f"fedcollm experiment: the evaluation set of {cfg.data.dataset} "
+                            f"({cfg.data.eval_file or cfg.data.eval_split}) is {kind} data; its tables compare "
+                            "accuracies, so it needs a multiple-choice evaluation set (fedcollm run scores "
+                            "prompt-completion data by its loss)")
 
 
 def adapter_digest(model) -> str:

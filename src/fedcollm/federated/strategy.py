@@ -37,7 +37,8 @@ from fedcollm import checkpoint, components
 from fedcollm.config import Config
 from fedcollm.crash import maybe_kill
 from fedcollm.errors import FedCoLLMError
-from fedcollm.eval.mcq import auto_batch_size, evaluate
+from fedcollm.eval import scoring
+from fedcollm.eval.mcq import auto_batch_size
 from fedcollm.federated import privacy, reference, secagg, transport
 from fedcollm.federated.validate import update_problem
 from fedcollm.models.lora import adapter_state, adapter_to_ndarrays, frozen_a_digest, load_adapter_ndarrays
@@ -331,24 +332,24 @@ class FedCoLLMStrategy(Strategy):
         return rnd == self.cfg.federation.rounds or (every > 0 and rnd % every == 0)
 
     def _score(self, rnd: int) -> dict:
-        """Accuracy of the global SLM and (if the server has one) the LLM; `llm` is None without.
+        """Accuracy (or, on prompt-completion data, loss and perplexity) of the global SLM and (if
+        the server has one) the LLM; `llm` is None without.
 
         Which items each model got right is kept (`last_items`) for the summary, not the row."""
         t0 = time.time()
-        kw = dict(max_length=self.cfg.data.max_length, batch_size=self.cfg.run.eval_batch_size,
-                  device=self.device, progress=self.cfg.run.progress)
+        kw = dict(batch_size=self.cfg.run.eval_batch_size, device=self.device, progress=self.cfg.run.progress)
         models = {"slm": self.slm, **({"llm": self.llm} if self.llm is not None else {})}
         own = adapter_to_ndarrays(self.slm)
         self.hold_reference()  # the clients' SLM is the one scored: R, as the transport rounded it
         with out_of_memory_advice(f"round {rnd}: scoring on {self.device}",
                                   scoring_advice(auto_batch_size(self.cfg.run.eval_batch_size, self.device))):
-            scores = {name: evaluate(model, components.tokenizer(self.cfg, name), self.data.evals,
-                                     requests=self.data.eval_requests[name], desc=f"eval {name.upper()} r{rnd}", **kw)
+            scores = {name: scoring.score(model, components.tokenizer(self.cfg, name), self.data.evals,
+                                          self.data.eval_requests[name], desc=f"eval {name.upper()} r{rnd}", **kw)
                       for name, model in models.items()}
         load_adapter_ndarrays(self.slm, own)
         self.last_items = {"round": rnd, "ids": [r.id for r in self.data.evals],
-                           **{m: {k: s[k] for k in ("correct", "correct_norm")} for m, s in scores.items()}}
-        row = {m: {k: s[k] for k in ("acc", "acc_norm", "n")} for m, s in scores.items()}
+                           **{m: {k: s[k] for k in ("correct", "correct_norm") if k in s} for m, s in scores.items()}}
+        row = {m: {k: s[k] for k in (*scoring.metrics_of(s), "n")} for m, s in scores.items()}
         return {"slm": row["slm"], "llm": row.get("llm"), "eval_s": time.time() - t0}
 
     def _take_traffic(self) -> dict:

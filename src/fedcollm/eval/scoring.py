@@ -1,0 +1,48 @@
+"""Score a model on an evaluation set of either kind, and name what its scores are.
+
+A multiple-choice set gives accuracy by log-likelihood (eval/mcq.py, lm-evaluation-harness's
+protocol); a set of prompt-completion records gives the completions' loss and perplexity
+(eval/completion.py). A set is one kind or the other: a mix has no one figure to report.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedcollm.data.encode import Encoded, encode_for_training
+from fedcollm.data.records import Completion, Record
+from fedcollm.errors import FedCoLLMError
+from fedcollm.eval.completion import completion_loss
+from fedcollm.eval.mcq import Request, accuracy, auto_batch_size, choice_logliks, encode_requests
+from fedcollm.eval.metrics import COMPLETION, MCQ, METRICS, metrics_of  # noqa: F401 - re-exported
+
+def kind_of(records: list[Record], where: str) -> str:
+    """MCQ or COMPLETION; a set that mixes them is refused, naming its first record of each."""
+    completions = [r for r in records if isinstance(r, Completion)]
+    if not completions:
+        return MCQ
+    if len(completions) < len(records):
+        mcq = next(r for r in records if not isinstance(r, Completion))
+        raise FedCoLLMError(f"evaluation set ({where}): mixes multiple-choice records (the first: {mcq.id}) with "
+                            f"prompt-completion records (the first: {completions[0].id}); score them as two sets")
+    return COMPLETION
+
+
+def prepare(tokenizer, records: list[Record], max_length: int, where: str = "evaluation set") -> list:
+    """The set as `score` reads it, tokenized once for many scorings: each question's choices, or
+    each prompt-completion pair as training encodes it."""
+    if kind_of(records, where) == COMPLETION:
+        return encode_for_training(tokenizer, records, max_length)
+    return encode_requests(tokenizer, records, max_length)
+
+
+def score(model, tokenizer, records: list[Record], prepared: list[Request] | list[Encoded], *, batch_size: int,
+          device: torch.device, progress: bool = False, desc: str = "eval") -> dict:
+    """The set's figures (METRICS of its kind) and n; for multiple choice also which items each
+    metric got right (`correct`, `correct_norm`: the paired tests)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if prepared and isinstance(prepared[0], Encoded):
+        return completion_loss(model, prepared, batch_size=auto_batch_size(batch_size, device), pad_id=pad,
+                               device=device, progress=progress, desc=desc)
+    return accuracy(records, choice_logliks(model, prepared, batch_size=batch_size, device=device, pad_id=pad,
+                                            progress=progress, desc=desc))
