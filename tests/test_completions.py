@@ -63,8 +63,6 @@ def test_prompt_completion_lines_are_read_beside_mcq_lines(tmp_path):
 
 
 @pytest.mark.parametrize("line,message", [
-    ('{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}',
-     "a conversational record (lists of messages) is not read; render it with your model's chat template"),
     ('{"prompt": "q"}', "a prompt-completion record needs a 'prompt' string and a non-empty 'completion' string"),
     ('{"prompt": "q", "completion": "  "}', "non-empty 'completion' string"),
     ('{"prompt": 3, "completion": "a"}', "needs a 'prompt' string"),

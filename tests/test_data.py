@@ -54,7 +54,7 @@ def test_generic_form_with_letter_or_index(tmp_path):
     ("{not json", "not valid JSON"),
     ('{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "C"}',
      "answerKey 'C' is not one of the labels ['A']"),
-    ('{"text": "q"}', "no 'question' (AI2 format object or generic string) and no 'prompt'"),
+    ('{"text": "q"}', "no 'question' (AI2 format object or generic string), 'prompt' (prompt-completion form) or 'messages'"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
     f = tmp_path / "bad.jsonl"

@@ -158,6 +158,7 @@ def _dev_search(args, datasets: list[str], seeds: list[int], out, command: str) 
 def cmd_eval(args) -> int:
     import torch  # noqa: PLC0415
 
+    from fedcollm.data import chat  # noqa: PLC0415
     from fedcollm.data.loaders import load_split, read_jsonl  # noqa: PLC0415
     from fedcollm.eval import scoring  # noqa: PLC0415
     from fedcollm.eval.mcq import auto_batch_size  # noqa: PLC0415
@@ -172,6 +173,8 @@ def cmd_eval(args) -> int:
     else:
         records = load_split(args.data, args.split, args.data_path or "")
     where = args.file or f"{args.data} {args.split}"
+    tok = load_tokenizer(args.model)
+    records = chat.render(records, lambda: tok, args.model)
     scoring.kind_of(records, where)
     if args.limit:
         records = records[: args.limit]
@@ -189,7 +192,6 @@ def cmd_eval(args) -> int:
         from fedcollm.models.lora import load_saved_adapter  # noqa: PLC0415
 
         model = load_saved_adapter(model, args.adapter, prune)
-    tok = load_tokenizer(args.model)
     with torch.inference_mode(), out_of_memory_advice(
             f"scoring on {device}", scoring_advice(auto_batch_size(args.batch_size, device), "--batch-size")):
         res = scoring.score(model, tok, records, scoring.prepare(tok, records, args.max_length, where),

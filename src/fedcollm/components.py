@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from fedcollm.config import Config
+from fedcollm.data import chat
 from fedcollm.data.encode import Encoded, encode_for_training, encode_pairs
 from fedcollm.data.loaders import load_eval, load_train, read_jsonl, style_of
 from fedcollm.data.partition import Split, split_indices
@@ -117,12 +118,23 @@ def _held_out(records: list[Record], n: int) -> tuple[list[Record], list[Record]
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
+def _rendered(cfg: Config, records: list) -> list[Record]:
+    """The records as read, conversations rendered by the SLM's chat template (data/chat.py: both
+    models then read the same text)."""
+    return chat.render(records, lambda: tokenizer(cfg, "slm"), cfg.model.slm or cfg.model.llm)
+
+
+@functools.lru_cache(maxsize=4)
+def _training_records(cfg: Config) -> list[Record]:
+    return _rendered(cfg, load_train(cfg.data))
+
+
 @functools.lru_cache(maxsize=4)
 def train_split(cfg: Config) -> tuple[list[Record], Split]:
     """The training records (less any held-out evaluation items) and their split into auxiliary
     and client parts."""
     d = cfg.data
-    train = load_train(d)
+    train = _training_records(cfg)
     if d.eval_split == "train_holdout":
         train, _ = _held_out(train, d.holdout_examples)
     split = split_indices(train, d.num_clients, d.partition, d.dirichlet_alpha, cfg.run.seed,
@@ -156,9 +168,9 @@ def _aux_set(cfg: Config, records: list[Record]) -> AuxSet:
 def eval_records(cfg: Config) -> tuple[list[Record], str]:
     """The whole evaluation set (before data.eval_examples picks from it) and where it is from."""
     if cfg.data.eval_split == "train_holdout":  # the server scores items held out of the training split
-        return _held_out(load_train(cfg.data), cfg.data.holdout_examples)[1], \
+        return _held_out(_training_records(cfg), cfg.data.holdout_examples)[1], \
             f"{cfg.data.train_file or cfg.data.dataset} train_holdout"
-    return load_eval(cfg.data), cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
+    return _rendered(cfg, load_eval(cfg.data)), cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -171,7 +183,7 @@ def server_data(cfg: Config) -> ServerData:
     requests["slm"] = requests["llm"] if shares_tokenizer(cfg) else \
         scoring.prepare(tokenizer(cfg, "slm"), evals, cfg.data.max_length, where)
     if cfg.data.aux_file:
-        aux = read_jsonl(cfg.data.aux_file, style_of(cfg.data))
+        aux = _rendered(cfg, read_jsonl(cfg.data.aux_file, style_of(cfg.data)))
         check_held_out(evals, aux, where)  # the only training data this server has
         return ServerData(_aux_set(cfg, aux), evals, kind, requests, None)
     train, split = train_split(cfg)
@@ -191,7 +203,7 @@ def client_examples(cfg: Config, partition_id: int, model: str = "slm") -> list[
 @functools.lru_cache(maxsize=2)
 def own_examples(cfg: Config, path: str) -> list[Encoded]:
     """All of a SuperNode's own data file, for a client that holds its data itself."""
-    return _encode(cfg, read_jsonl(path, style_of(cfg.data)))
+    return _encode(cfg, _rendered(cfg, read_jsonl(path, style_of(cfg.data))))
 
 
 @functools.lru_cache(maxsize=2)

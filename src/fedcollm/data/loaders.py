@@ -5,8 +5,10 @@ Three line formats are read, detected per line:
   {"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}
 - the generic fedcollm MCQ form, for your own data:
   {"id"?: str, "question": str, "choices": [str, ...], "answer": int (0-based) | "B"}
-- instruction data in TRL's standard prompt-completion form (training only, records.Completion):
+- instruction data in TRL's standard prompt-completion form (records.Completion):
   {"id"?: str, "prompt": str, "completion": str}
+- instruction data in TRL's conversational forms (data/chat.py: rendered by a chat template):
+  {"id"?: str, "messages": [{"role", "content"}, ...]} or {"prompt": [messages], "completion": [message]}
 
 Where a dataset is looked for, in order: the path the user gives (`data.path`), $FEDCOLLM_DATA,
 `../shared/data` beside the checkout (and beside the working directory), then the hub.
@@ -21,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedcollm.data.chat import Conversation, parse_messages
 from fedcollm.data.records import Completion, MCQRecord, Record
 from fedcollm.errors import FedCoLLMError
 
@@ -63,18 +66,19 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def _parse_completion(obj: dict, where: str) -> Completion:
+def _parse_completion(obj: dict, where: str) -> Completion | Conversation:
     prompt, completion = obj.get("prompt"), obj.get("completion")
-    if isinstance(prompt, list) or isinstance(completion, list):
-        raise FedCoLLMError(f"{where}: a conversational record (lists of messages) is not read; render it with "
-                            "your model's chat template into 'prompt' and 'completion' strings")
+    if isinstance(prompt, list):  # TRL's conversational prompt-completion form
+        return Conversation(str(obj.get("id", where)), parse_messages(prompt, where, completion))
     if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
         raise FedCoLLMError(f"{where}: a prompt-completion record needs a 'prompt' string and a non-empty "
                             "'completion' string")
     return Completion(str(obj.get("id", where)), prompt, completion)
 
 
-def _parse_line(obj: dict, style: str, where: str) -> Record:
+def _parse_line(obj: dict, style: str, where: str) -> Record | Conversation:
+    if "messages" in obj and "question" not in obj:
+        return Conversation(str(obj.get("id", where)), parse_messages(obj["messages"], where))
     if "prompt" in obj and "question" not in obj:
         return _parse_completion(obj, where)
     q = obj.get("question")
@@ -103,13 +107,14 @@ def _parse_line(obj: dict, style: str, where: str) -> Record:
         if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
             raise FedCoLLMError(f"{where}: 'answer' must be a choice index or letter, got {obj.get('answer')!r}")
         return MCQRecord(str(obj.get("id", where)), q, tuple(choices), ans, style)
-    raise FedCoLLMError(f"{where}: no 'question' (AI2 format object or generic string) and no 'prompt' "
-                        "(prompt-completion form)")
+    raise FedCoLLMError(f"{where}: no 'question' (AI2 format object or generic string), 'prompt' "
+                        "(prompt-completion form) or 'messages' (conversation)")
 
 
-def read_jsonl(path: str | Path, style: str = "arc") -> list[Record]:
-    """Read one JSONL file of MCQ or prompt-completion records (mixed too); a malformed line is an
-    error naming the file and line."""
+def read_jsonl(path: str | Path, style: str = "arc") -> list[Record | Conversation]:
+    """Read one JSONL file of MCQ, prompt-completion or conversational records (mixed too); a
+    malformed line is an error naming the file and line. Conversations are rendered later, by the
+    tokenizer's chat template (chat.render)."""
     path = Path(path)
     if not path.is_file():
         raise FedCoLLMError(f"data file {str(path)!r} not found")

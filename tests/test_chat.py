@@ -1,0 +1,128 @@
+"""Conversational instruction data (TRL's forms): read, rendered by the SLM's chat template into
+the prompt-completion pair the template spells, BOS not doubled, and refused in one line where it
+cannot be rendered."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from fedcollm import components
+from fedcollm.data.chat import Conversation, render
+from fedcollm.data.encode import encode_pairs
+from fedcollm.data.loaders import read_jsonl
+from fedcollm.data.records import Completion
+from fedcollm.errors import FedCoLLMError
+from fedcollm.eval import scoring
+
+# ChatML, as SmolLM2's template writes it (without its default system message)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _chatml(messages: list[tuple[str, str]]) -> tuple[str, str]:
+    """The (prompt, completion) that CHATML renders, written out by hand."""
+    prompt = "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in messages[:-1]) + "<|im_start|>assistant\n"
+    return prompt, f"{messages[-1][1]}<|im_end|>\n"
+
+
+def _conversations(path: Path, n: int) -> tuple[Path, list[list[tuple[str, str]]]]:
+    things = ["apple", "leaf", "sky", "sun", "coal", "snow"]
+    colors = ["red", "green", "blue", "yellow", "black", "white"]
+    chats = []
+    with path.open("w") as fh:
+        for i in range(n):
+            k = i % len(things)
+            chat = [("system", "Answer briefly."), ("user", f"What colour is the {things[k]}?"),
+                    ("assistant", f"The {things[k]} is {colors[k]}.")]
+            if i % 2:  # TRL's conversational prompt-completion form
+                obj = {"prompt": [{"role": r, "content": c} for r, c in chat[:-1]],
+                       "completion": [{"role": "assistant", "content": chat[-1][1]}]}
+            else:
+                obj = {"messages": [{"role": r, "content": c} for r, c in chat]}
+            fh.write(json.dumps({"id": f"c{i}", **obj}) + "\n")
+            chats.append(chat)
+    return path, chats
+
+
+@pytest.fixture
+def chatml(smoke_cfg, monkeypatch):
+    """The smoke config's tokenizer with a ChatML template (restored after the test)."""
+    monkeypatch.setattr(components.tokenizer(smoke_cfg, "slm"), "chat_template", CHATML, raising=False)
+    return smoke_cfg
+
+
+def test_both_conversational_forms_are_read_as_conversations(tmp_path):
+    path, chats = _conversations(tmp_path / "chats.jsonl", 2)
+    assert read_jsonl(path) == [Conversation(f"c{i}", tuple(chat)) for i, chat in enumerate(chats)]
+
+
+@pytest.mark.parametrize("obj,message", [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "yo"}]},
+     "the last must be a non-empty 'assistant' message"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "at least one message before the last"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "{'role': str, 'content': str}"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "a"},
+                                                                     {"role": "assistant", "content": "b"}]},
+     "a conversational 'completion' must be a list of one assistant message"),
+])
+def test_a_malformed_conversation_names_file_and_line(tmp_path, obj, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+                 + json.dumps(obj) + "\n")
+    with pytest.raises(FedCoLLMError) as err:
+        read_jsonl(f)
+    assert str(err.value).startswith(f"{f}:2: ") and message in str(err.value)
+
+
+def test_conversations_train_as_the_pairs_their_chat_template_spells(chatml, tmp_path):
+    """Clients' examples and the auxiliary set from a conversation file are, to the token, those of
+    the prompt-completion file holding what the template renders, written out by hand."""
+    convs, chats = _conversations(tmp_path / "chats.jsonl", 30)
+    spelled = tmp_path / "spelled.jsonl"
+    spelled.write_text("".join(json.dumps({"id": f"c{i}", "prompt": _chatml(c)[0], "completion": _chatml(c)[1]})
+                               + "\n" for i, c in enumerate(chats)))
+    a, b = (dataclasses.replace(chatml, data=dataclasses.replace(chatml.data, train_file=str(f)))
+            for f in (convs, spelled))
+    assert components.train_split(a)[0] == read_jsonl(spelled)
+    for k in range(a.data.num_clients):
+        assert components.client_examples(a, k) == components.client_examples(b, k)
+    assert components.server_data(a).aux == components.server_data(b).aux
+
+
+def test_a_conversation_evaluation_set_is_scored_by_the_loss_of_its_answers(chatml, tmp_path):
+    convs, chats = _conversations(tmp_path / "eval.jsonl", 5)
+    cfg = dataclasses.replace(chatml, data=dataclasses.replace(chatml.data, eval_file=str(convs)))
+    data = components.server_data(cfg)
+    assert data.eval_kind == scoring.COMPLETION
+    assert [(r.prompt, r.completion) for r in data.evals] == [_chatml(c) for c in chats]
+
+
+def test_a_template_that_writes_the_bos_gets_one_bos_not_two(tmp_path):
+    """A tokenizer that puts BOS in front of every text (Gemma) and a template that writes it too:
+    the rendered prompt leaves it out, and the encoded pair starts with one BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: PLC0415
+
+    vocab = ["<unk>", "<s>", "</s>", "<user>", "<assistant>", "hi", "hello"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> "
+                         "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}")
+    (done,) = render([Conversation("c", (("user", "hi"), ("assistant", "hello")))], lambda: tok, "tiny")
+    assert done == Completion("c", "<user> hi </s> <assistant> ", "hello </s> ")
+    (enc,) = encode_pairs(tok, [(done.prompt, done.completion)], 64)
+    assert list(enc.ids) == [1, 3, 5, 2, 4, 6, 2] and enc.n_target == 2
+
+
+def test_a_conversation_without_a_chat_template_is_refused_in_one_line(smoke_cfg, tmp_path):
+    convs, _ = _conversations(tmp_path / "chats.jsonl", 30)
+    cfg = dataclasses.replace(smoke_cfg, data=dataclasses.replace(smoke_cfg.data, train_file=str(convs)))
+    with pytest.raises(FedCoLLMError, match=r"^c0: a conversational record needs a chat template, and the tokenizer "
+                                            r"of tiny-random has none; give 'prompt' and 'completion' strings"):
+        components.client_examples(cfg, 0)
