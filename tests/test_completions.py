@@ -1,6 +1,7 @@
 """Instruction data in prompt-completion form: read beside MCQ lines, trained on as the MCQ items
-it can spell (to the token), distilled across tokenizers, scored by its loss as an evaluation
-set (end to end: a Flower run and `fedcollm eval`), and refused where choices are needed."""
+it can spell (to the token), scored by its loss as an evaluation set (end to end: a Flower run
+and `fedcollm eval`), and refused where choices are needed. (Malformed lines: test_data.py; KD
+on free-form completions across tokenizers: test_cross_tokenizer.py.)"""
 
 from __future__ import annotations
 
@@ -22,17 +23,8 @@ from fedcollm.data.partition import split_indices
 from fedcollm.data.records import Completion, MCQRecord, continuations, context, shared_items
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval import scoring
-from fedcollm.train.distill import kd_step
 
 from conftest import COLORS, THINGS
-
-INSTRUCTIONS = [  # free-form answers of different lengths, as instruction data has
-    ("Name a primary color.\n", "Red is one of the three primary colors."),
-    ("What do plants need to grow?\n", "Light, water, air and nutrients from the soil."),
-    ("Say hello in French.\n", "Bonjour."),
-    ("Why is snow white?\n", "Its ice crystals scatter every wavelength of visible light about equally."),
-]
-
 
 def _as_completions(mcq_file: Path, out: Path) -> Path:
     """The MCQ file's items as prompt-completion lines: the lm-eval prompt and the correct answer."""
@@ -62,19 +54,6 @@ def test_prompt_completion_lines_are_read_beside_mcq_lines(tmp_path):
     assert third == Completion(f"{f}:3", "", " 42")  # no id: its file and line
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"prompt": "q"}', "a prompt-completion record needs a 'prompt' string and a non-empty 'completion' string"),
-    ('{"prompt": "q", "completion": "  "}', "non-empty 'completion' string"),
-    ('{"prompt": 3, "completion": "a"}', "needs a 'prompt' string"),
-])
-def test_a_malformed_completion_line_names_file_and_line(tmp_path, line, message):
-    f = tmp_path / "bad.jsonl"
-    f.write_text('{"prompt": "ok", "completion": " yes"}\n' + line + "\n")
-    with pytest.raises(FedCoLLMError) as err:
-        read_jsonl(f)
-    assert str(err.value).startswith(f"{f}:2: ") and message in str(err.value) and "\n" not in str(err.value)
-
-
 @pytest.mark.parametrize("tokenizers", ["one", "two"])
 def test_completions_train_to_the_token_as_the_mcq_items_they_spell(smoke_cfg, tmp_path, tokenizers):
     """Every client's examples and the server's auxiliary set (with each model's character spans,
@@ -90,20 +69,6 @@ def test_completions_train_to_the_token_as_the_mcq_items_they_spell(smoke_cfg, t
     aux = {c: components._aux_set(c, [components.train_split(c)[0][i] for i in components.train_split(c)[1].aux])
            for c in (mcq, done)}
     assert aux[done] == aux[mcq] and aux[done].llm and aux[done].one_tokenizer == (tokenizers == "one")
-
-
-def test_token_level_kd_on_free_form_completions_carries_gradient_into_both_adapters(smoke_cfg):
-    cfg = _pair(smoke_cfg)
-    llm, slm = components.build_llm(cfg), components.build_slm(cfg)
-    aux = components._aux_set(cfg, [Completion(str(i), p, c) for i, (p, c) in enumerate(INSTRUCTIONS)])
-    assert [e.n_target for e in aux.slm] != [e.n_target for e in aux.llm]  # two tokenizations of each
-    kd = dataclasses.replace(cfg.distill, ce_weight=0.0, kd_lambda=1.0, batch_size=4)
-    loss, parts = kd_step(llm, slm, aux, [0, 1, 2, 3], kd, torch.device("cpu"), components.vocab_maps(cfg))
-    assert parts["kl_llm"] > 0 and parts["kl_slm"] > 0
-    loss.backward()
-    for model in (llm, slm):
-        grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
-        assert grads and sum(g.abs().sum().item() for g in grads) > 0
 
 
 def _instructions(path: Path, n: int, template: str, seed: int) -> Path:

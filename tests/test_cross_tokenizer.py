@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from fedcollm import components
 from fedcollm.config import load_config
 from fedcollm.data.encode import encode_pairs
+from fedcollm.data.records import Completion
 from fedcollm.models.loading import tiny_tokenizer
 from fedcollm.models.lora import adapter_state
 from fedcollm.train.align import VocabMap, align, one_to_one
@@ -110,11 +111,23 @@ def _changed(before, model) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("level", ["token", "choice"])
-def test_kd_across_tokenizers_carries_gradient_into_both_adapters(pair_cfg, level):
+INSTRUCTIONS = [  # free-form answers of different lengths, as instruction data has
+    ("Name a primary color.\n", "Red is one of the three primary colors."),
+    ("What do plants need to grow?\n", "Light, water, air and nutrients from the soil."),
+    ("Say hello in French.\n", "Bonjour."),
+    ("Why is snow white?\n", "Its ice crystals scatter every wavelength of visible light about equally."),
+]
+
+
+@pytest.mark.parametrize("level,data", [("token", "mcq"), ("choice", "mcq"), ("token", "completions")])
+def test_kd_across_tokenizers_carries_gradient_into_both_adapters(pair_cfg, level, data):
     cfg = dataclasses.replace(pair_cfg, distill=dataclasses.replace(pair_cfg.distill, level=level))
     llm, slm = components.build_llm(cfg), components.build_slm(cfg)
-    aux = components.server_data(cfg).aux
+    if data == "mcq":
+        aux = components.server_data(cfg).aux
+    else:  # prompt-completion records: no choices, each tokenizer cuts the answers its own way
+        aux = components._aux_set(cfg, [Completion(str(i), p, c) for i, (p, c) in enumerate(INSTRUCTIONS)])
+        assert [e.n_target for e in aux.slm] != [e.n_target for e in aux.llm]
     kd = dataclasses.replace(cfg.distill, ce_weight=0.0, kd_lambda=1.0, epochs=1, batch_size=4)
     loss, parts = kd_step(llm, slm, aux, [0, 1, 2, 3], kd, torch.device("cpu"), components.vocab_maps(cfg))
     assert parts["kl_llm"] > 0 and parts["kl_slm"] > 0

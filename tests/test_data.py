@@ -55,6 +55,9 @@ def test_generic_form_with_letter_or_index(tmp_path):
     ('{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "C"}',
      "answerKey 'C' is not one of the labels ['A']"),
     ('{"text": "q"}', "no 'question' (AI2 format object or generic string), 'prompt' (prompt-completion form) or 'messages'"),
+    ('{"prompt": "q"}', "a prompt-completion record needs a 'prompt' string and a non-empty 'completion' string"),
+    ('{"prompt": "q", "completion": "  "}', "non-empty 'completion' string"),
+    ('{"prompt": 3, "completion": "a"}', "needs a 'prompt' string"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
     f = tmp_path / "bad.jsonl"

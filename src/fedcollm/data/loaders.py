@@ -1,6 +1,6 @@
 """Read QA splits from local files (or the Hugging Face hub, if reachable).
 
-Three line formats are read, detected per line:
+Four line formats are read, detected per line:
 - AI2 / original release format (ARC, OpenBookQA, CommonsenseQA):
   {"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}
 - the generic fedcollm MCQ form, for your own data:

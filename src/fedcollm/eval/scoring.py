@@ -16,6 +16,7 @@ from fedcollm.eval.completion import completion_loss
 from fedcollm.eval.mcq import Request, accuracy, auto_batch_size, choice_logliks, encode_requests
 from fedcollm.eval.metrics import COMPLETION, MCQ, METRICS, metrics_of  # noqa: F401 - re-exported
 
+
 def kind_of(records: list[Record], where: str) -> str:
     """MCQ or COMPLETION; a set that mixes them is refused, naming its first record of each."""
     completions = [r for r in records if isinstance(r, Completion)]
