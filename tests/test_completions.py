@@ -195,3 +195,4 @@ def test_a_run_on_instruction_data_reports_its_loss_as_fedcollm_eval_scores_it(t
     assert got.returncode == 0, got.stderr[-2000:]
     line = json.loads(got.stdout.strip().splitlines()[-1])
     assert line["n"] == 9 and line["loss"] == pytest.approx(summary["slm"]["loss"], rel=1e-5)
+    assert line["split"] is None  # a file is scored whole, not a split of it

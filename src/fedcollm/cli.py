@@ -197,7 +197,8 @@ def cmd_eval(args) -> int:
         res = scoring.score(model, tok, records, scoring.prepare(tok, records, args.max_length, where),
                             batch_size=args.batch_size, device=device, progress=True)
     print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.file or args.data,
-                      "split": args.split, **{k: res[k] for k in (*scoring.metrics_of(res), "n")}}))
+                      "split": None if args.file else args.split,  # a file is scored whole
+                      **{k: res[k] for k in (*scoring.metrics_of(res), "n")}}))
     return 0
 
 
