@@ -186,7 +186,8 @@ def test_a_run_on_instruction_data_reports_its_loss_as_fedcollm_eval_scores_it(t
     assert summary["slm"] == {k: scored[-1]["slm"][k] for k in ("loss", "ppl")}
     report = (out / "report.md").read_text()
     assert "| round | SLM loss | SLM ppl | LLM loss | LLM ppl | client loss |" in report
-    assert "mean negative log-likelihood per token (nats) and its perplexity" in report
+    assert f"Evaluation: 9 items of {evals}, the completions' mean negative log-likelihood per token (nats) and its " \
+        "perplexity, lower is better." in report
     assert (out / "loss.png").stat().st_size > 0 and not (out / "accuracy.png").exists()
     assert f"SLM loss {scored[-1]['slm']['loss']:.3f}" in proc.stdout
     got = subprocess.run([sys.executable, "-m", "fedcollm.cli", "eval", "--model", "tiny-random", "--prune", "1,1",

@@ -105,8 +105,8 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
     lines = [
         f"# FedCoLLM run: {summary['dataset']}", "",
         f"Command: `{command}`", "",
-        f"Evaluation: {summary['eval_examples']} {summary['dataset']} items ({summary['eval_split']} split"
-        f"{'; ' + note if note else ''}), {how}. Round 0 is before any training.", "",
+        f"Evaluation: {summary['eval_examples']} {_evaluated(summary, note)}, {how}. Round 0 is before any "
+        "training.", "",
         f"| round | {' | '.join(columns)} | client loss | KD CE (LLM/SLM) | KD KL (LLM/SLM) | up B/client | down B/client |",
         "|---|" + "---|" * (len(columns) + 5),
     ]
@@ -148,6 +148,13 @@ def report_markdown(summary: dict, rows: list[dict], command: str) -> str:
     if summary.get("stopped"):
         lines += ["", f"**Stopped early:** {summary['stopped']} (adapters are from the last good round)."]
     return "\n".join(lines) + "\n"
+
+
+def _evaluated(summary: dict, note: str) -> str:
+    """What the items were: those of the evaluation file, or of the dataset's split."""
+    if summary.get("eval_file") and summary["eval_split"] != "train_holdout":
+        return f"items of {summary['eval_file']}"
+    return f"{summary['dataset']} items ({summary['eval_split']} split{'; ' + note if note else ''})"
 
 
 def _privacy_line(dp) -> str:

@@ -64,7 +64,7 @@ def run_server(grid, context, cfg: Config, observe=None) -> dict:
     comm = {"adapter_params": adapter_numel(strategy.slm), "full_slm_params": full,
             "full_slm_fp32_bytes": 4 * full, "transport": cfg.transport_mode()}
     summary = build_summary(recorder.rows, comm, {
-        "dataset": cfg.data.dataset, "eval_split": cfg.data.eval_split,
+        "dataset": cfg.data.dataset, "eval_split": cfg.data.eval_split, "eval_file": cfg.data.eval_file or None,
         "num_clients": cfg.data.num_clients, "aux_examples": len(strategy.data.aux.llm), "llm_model": cfg.model.llm if cfg.distill.enabled else None,
         "slm_model": cfg.model.slm or f"{cfg.model.llm} layers 0-{cfg.model.slm_keep_first - 1} + last {cfg.model.slm_keep_last}",
         "secure_aggregation": secure or False, "seed": cfg.run.seed, "stopped": strategy.stopped,
