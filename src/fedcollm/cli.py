@@ -91,7 +91,8 @@ def cmd_experiment(args) -> int:
 
     for d in datasets:  # each dataset's config, and its evaluation set's kind, checked before anything runs
         cfg = load_config(args.config, [*args.overrides, f"data.dataset={json.dumps(d)}"], args.preset)
-        check_multiple_choice(scoring.kind_of(*components.eval_records(cfg)), cfg)
+        if not args.report_only:  # tabulating the cache needs no data
+            check_multiple_choice(scoring.kind_of(*components.eval_records(cfg)), cfg)
     out = Path(args.out or "runs/experiment")
     command = shlex.join(["fedcollm", *sys.argv[1:]])
     if args.aux_fractions:
@@ -175,7 +176,7 @@ def cmd_eval(args) -> int:
     where = args.file or f"{args.data} {args.split}"
     tok = load_tokenizer(args.model)
     records = chat.render(records, lambda: tok, args.model)
-    scoring.kind_of(records, where)
+    kind = scoring.kind_of(records, where)
     if args.limit:
         records = records[: args.limit]
     model = load_base_model(args.model, resolve_dtype("auto", device))
@@ -194,7 +195,7 @@ def cmd_eval(args) -> int:
         model = load_saved_adapter(model, args.adapter, prune)
     with torch.inference_mode(), out_of_memory_advice(
             f"scoring on {device}", scoring_advice(auto_batch_size(args.batch_size, device), "--batch-size")):
-        res = scoring.score(model, tok, records, scoring.prepare(tok, records, args.max_length, where),
+        res = scoring.score(model, tok, records, scoring.prepare(tok, records, kind, args.max_length),
                             batch_size=args.batch_size, device=device, progress=True)
     print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.file or args.data,
                       "split": None if args.file else args.split,  # a file is scored whole

@@ -179,9 +179,9 @@ def server_data(cfg: Config) -> ServerData:
     kind = scoring.kind_of(evals, where)
     if cfg.data.eval_examples and cfg.data.eval_examples < len(evals):
         evals = random.Random(EVAL_SUBSET_SEED).sample(evals, cfg.data.eval_examples)
-    requests = {"llm": scoring.prepare(tokenizer(cfg), evals, cfg.data.max_length, where)}
+    requests = {"llm": scoring.prepare(tokenizer(cfg), evals, kind, cfg.data.max_length)}
     requests["slm"] = requests["llm"] if shares_tokenizer(cfg) else \
-        scoring.prepare(tokenizer(cfg, "slm"), evals, cfg.data.max_length, where)
+        scoring.prepare(tokenizer(cfg, "slm"), evals, kind, cfg.data.max_length)
     if cfg.data.aux_file:
         aux = _rendered(cfg, read_jsonl(cfg.data.aux_file, style_of(cfg.data)))
         check_held_out(evals, aux, where)  # the only training data this server has

@@ -35,8 +35,9 @@ _STOP = set("a an the of to in on at by for with from and or is are was were be 
 
 def topic_labels(records: list[Record], k: int, seed: int, dims: int = 4096, iters: int = 25) -> list[int]:
     """A topic per question: k-means (k-means++ start, seeded) over tf-idf-weighted, L2-normed
-    counts of the question's and choices' (or prompt's and completion's) words, hashed into `dims` buckets. Cheap, deterministic
-    and dependency-free; it groups questions by subject (plants, magnets, weather, ...)."""
+    counts of the question's and choices' (or prompt's and completion's) words, hashed into `dims`
+    buckets. Cheap, deterministic and dependency-free; it groups questions by subject (plants,
+    magnets, weather, ...)."""
     rows = []
     for r in records:
         words = [w for w in re.findall(r"[a-z]+", words_of(r).lower())

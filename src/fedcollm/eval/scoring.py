@@ -29,10 +29,10 @@ def kind_of(records: list[Record], where: str) -> str:
     return COMPLETION
 
 
-def prepare(tokenizer, records: list[Record], max_length: int, where: str = "evaluation set") -> list:
-    """The set as `score` reads it, tokenized once for many scorings: each question's choices, or
-    each prompt-completion pair as training encodes it."""
-    if kind_of(records, where) == COMPLETION:
+def prepare(tokenizer, records: list[Record], kind: str, max_length: int) -> list:
+    """The set (of `kind`, as kind_of found it) as `score` reads it, tokenized once for many
+    scorings: each question's choices, or each prompt-completion pair as training encodes it."""
+    if kind == COMPLETION:
         return encode_for_training(tokenizer, records, max_length)
     return encode_requests(tokenizer, records, max_length)
 
