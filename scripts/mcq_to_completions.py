@@ -13,7 +13,7 @@ import argparse
 import json
 
 from fedcollm.data.loaders import read_jsonl
-from fedcollm.data.records import training_pair
+from fedcollm.data.records import MCQRecord, context, continuations
 
 
 def main() -> None:
@@ -22,9 +22,13 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--style", default="arc", help="the dataset's prompt template (data/records.py)")
     args = p.parse_args()
+    records = read_jsonl(args.source, args.style)
+    other = next((r for r in records if not isinstance(r, MCQRecord)), None)
+    if other is not None:
+        raise SystemExit(f"{args.source}: record {other.id} is not a multiple-choice item")
     with open(args.out, "w", encoding="utf-8") as fh:
-        for rec in read_jsonl(args.source, args.style):
-            prompt, completion = training_pair(rec)
+        for rec in records:
+            prompt, completion = context(rec), continuations(rec)[rec.answer]
             fh.write(json.dumps({"id": rec.id, "prompt": prompt, "completion": completion}) + "\n")
 
 

@@ -9,15 +9,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerFast
 
 from fedcollm import components
-from fedcollm.data.chat import Conversation, render
+from fedcollm.data.chat import Conversation, conversation, render
 from fedcollm.data.encode import encode_pairs
 from fedcollm.data.loaders import read_jsonl
-from fedcollm.data.records import Completion
+from fedcollm.data.records import Completion, shared_items, training_pairs
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval import scoring
+
+from conftest import COLORS, THINGS
 
 # ChatML, as SmolLM2's template writes it (without its default system message)
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -58,7 +61,7 @@ def chatml(smoke_cfg, monkeypatch):
 
 def test_both_conversational_forms_are_read_as_conversations(tmp_path):
     path, chats = _conversations(tmp_path / "chats.jsonl", 2)
-    assert read_jsonl(path) == [Conversation(f"c{i}", tuple(chat)) for i, chat in enumerate(chats)]
+    assert read_jsonl(path) == [Conversation(f"c{i}", tuple(chat), (2,)) for i, chat in enumerate(chats)]
 
 
 @pytest.mark.parametrize("obj,message", [
@@ -114,7 +117,7 @@ def test_a_template_that_writes_the_bos_gets_one_bos_not_two(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> "
                          "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}")
-    (done,) = render([Conversation("c", (("user", "hi"), ("assistant", "hello")))], lambda: tok, "tiny")
+    (done,) = render([Conversation("c", (("user", "hi"), ("assistant", "hello")), (1,))], lambda: tok, "tiny")
     assert done == Completion("c", "<user> hi </s> <assistant> ", "hello </s> ")
     (enc,) = encode_pairs(tok, [(done.prompt, done.completion)], 64)
     assert list(enc.ids) == [1, 3, 5, 2, 4, 6, 2] and enc.n_target == 2
@@ -126,3 +129,82 @@ def test_a_conversation_without_a_chat_template_is_refused_in_one_line(smoke_cfg
     with pytest.raises(FedCoLLMError, match=r"^c0: a conversational record needs a chat template, and the tokenizer "
                                             r"of tiny-random has none; give 'prompt' and 'completion' strings"):
         components.client_examples(cfg, 0)
+
+
+def _dialogues(path: Path, n: int) -> tuple[Path, list[list[tuple[str, str]]]]:
+    """n `messages` conversations of two answered questions each; every third opens with an
+    assistant greeting (not learnt: nothing is before it)."""
+    chats = []
+    with path.open("w") as fh:
+        for i in range(n):
+            a, b = i % 6, (i + 1) % 6
+            chat = [("assistant", "Hello! Ask me about colours.")] if i % 3 == 0 else []
+            chat += [("user", f"What colour is the {THINGS[a]}?"), ("assistant", f"The {THINGS[a]} is {COLORS[a]}."),
+                     ("user", f"And the {THINGS[b]}?"), ("assistant", f"It is {COLORS[b]}.")]
+            fh.write(json.dumps({"id": f"d{i}", "messages": [{"role": r, "content": c} for r, c in chat]}) + "\n")
+            chats.append(chat)
+    return path, chats
+
+
+def _turns(chat: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each answer after the first message as CHATML renders it, written out by hand."""
+    return [_chatml(chat[:i + 1]) for i, (role, _) in enumerate(chat) if i > 0 and role == "assistant"]
+
+
+def test_every_answer_of_a_messages_conversation_is_learnt_after_the_conversation_up_to_it(chatml, tmp_path):
+    """A client's examples are each record's turns, in order, as the template renders them (a
+    record is not split between parts), and the server counts a client's examples as its clients
+    do (the cap on the example counts they report)."""
+    path, chats = _dialogues(tmp_path / "dialogues.jsonl", 40)
+    assert [r.learnt for r in read_jsonl(path)[:3]] == [(2, 4), (1, 3), (1, 3)]
+    cfg = dataclasses.replace(chatml, data=dataclasses.replace(chatml.data, train_file=str(path)))
+    train, split = components.train_split(cfg)
+    by_id = {f"d{i}": _turns(chat) for i, chat in enumerate(chats)}
+    assert all(len(by_id[r.id]) == 2 and training_pairs(r) == by_id[r.id] for r in train)
+    tok = components.tokenizer(cfg, "slm")
+    for k, part in enumerate(split.clients):
+        want = encode_pairs(tok, [pair for i in part for pair in by_id[train[i].id]], cfg.data.max_length)
+        assert components.client_examples(cfg, k) == want
+    assert components.server_data(cfg).client_sizes == tuple(2 * len(part) for part in split.clients)
+    assert len(components.server_data(cfg).aux.slm) == 2 * len(split.aux)
+
+
+def test_the_conversational_prompt_completion_form_learns_its_completion_only(chatml):
+    """TRL's completion_only_loss: an assistant message in the prompt is read, not learnt."""
+    chat = [("user", "What colour is the sky?"), ("assistant", "Blue."), ("user", "And the sun?")]
+    (rec,) = render([conversation("p", [{"role": r, "content": c} for r, c in chat], "f:1",
+                                  [{"role": "assistant", "content": "Yellow."}])],
+                    lambda: components.tokenizer(chatml, "slm"), "tiny")
+    assert training_pairs(rec) == [_chatml([*chat, ("assistant", "Yellow.")])]
+
+
+def test_a_conversation_evaluation_set_is_scored_over_every_learnt_answer(chatml, tmp_path):
+    path, chats = _dialogues(tmp_path / "eval.jsonl", 5)
+    cfg = dataclasses.replace(chatml, data=dataclasses.replace(chatml.data, eval_file=str(path)))
+    data = components.server_data(cfg)
+    tok, slm = components.tokenizer(cfg, "slm"), components.build_slm(cfg)
+    pairs = [pair for chat in chats for pair in _turns(chat)]
+    assert data.eval_requests["slm"] == encode_pairs(tok, pairs, cfg.data.max_length)
+    got = scoring.score(slm, tok, data.evals, data.eval_requests["slm"], batch_size=4, device=torch.device("cpu"))
+    alone = [scoring.score(slm, tok, [r], scoring.prepare(tok, [r], scoring.COMPLETION, cfg.data.max_length),
+                           batch_size=4, device=torch.device("cpu")) for r in data.evals]
+    # n counts conversations; the loss is over every answer token of the set, so it is the
+    # token-weighted mean of the conversations' own losses
+    assert got["n"] == 5 and got["tokens"] == sum(a["tokens"] for a in alone)
+    assert got["loss"] == pytest.approx(sum(a["loss"] * a["tokens"] for a in alone) / got["tokens"], rel=1e-5)
+
+
+def test_an_evaluation_conversation_trained_on_as_an_earlier_turn_counts_as_a_training_item():
+    trained = Completion("t", "<u>Q2</u><a>", "A2", earlier=(("<u>Q1</u><a>", "A1"),))
+    assert shared_items([Completion("e", "<u>Q1</u><a>", "A1")], [trained]) == 1
+    assert shared_items([Completion("e", "<u>Q3</u><a>", "A3")], [trained]) == 0
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_refused_in_one_line(chatml, tmp_path, monkeypatch):
+    tok = components.tokenizer(chatml, "slm")
+    monkeypatch.setattr(tok, "chat_template", "{% if messages[0]['role'] == 'system' %}{{ raise_exception("
+                        "'System role not supported') }}{% endif %}" + CHATML)
+    path, _ = _conversations(tmp_path / "chats.jsonl", 1)
+    with pytest.raises(FedCoLLMError, match=r"^c0: tiny's chat template refused the conversation up to message 2: "
+                                            r"System role not supported$"):
+        render(read_jsonl(path), lambda: tok, "tiny")

@@ -35,7 +35,8 @@ from fedcollm.data import chat
 from fedcollm.data.encode import Encoded, encode_for_training, encode_pairs
 from fedcollm.data.loaders import load_eval, load_train, read_jsonl, style_of
 from fedcollm.data.partition import Split, split_indices
-from fedcollm.data.records import Record, check_held_out, context, continuations, only_multiple_choice, training_pair
+from fedcollm.data.records import (Record, all_pairs, check_held_out, context, continuations, only_multiple_choice,
+                                   training_pairs)
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval import scoring
 from fedcollm.eval.mcq import Request
@@ -57,8 +58,9 @@ class ServerData:
     # "llm" / "slm": each model's own tokenization (scoring.prepare: each question's choices, or
     # each prompt-completion pair)
     eval_requests: dict[str, list[Request] | list[Encoded]]
-    # Example count of each client part where the server can compute the split; None when it has
-    # only data.aux_file (then federation.max_client_examples bounds the weights).
+    # Example count of each client part (records.training_pairs: a conversation counts its learnt
+    # turns) where the server can compute the split; None when it has only data.aux_file (then
+    # federation.max_client_examples bounds the weights).
     client_sizes: tuple[int, ...] | None
 
 
@@ -151,7 +153,7 @@ def _aux_set(cfg: Config, records: list[Record]) -> AuxSet:
     answers or completions (with character spans when the tokenizers differ), and of every choice
     for distill.level = choice."""
     shared, n = shares_tokenizer(cfg), cfg.data.max_length
-    pairs = [training_pair(r) for r in records]
+    pairs = all_pairs(records)
     llm = encode_pairs(tokenizer(cfg), pairs, n, with_spans=not shared)
     slm = llm if shared else encode_pairs(tokenizer(cfg, "slm"), pairs, n, with_spans=True)
     choices = {}
@@ -189,7 +191,7 @@ def server_data(cfg: Config) -> ServerData:
     train, split = train_split(cfg)
     check_held_out(evals, [train[i] for i in itertools.chain(split.aux, *split.clients)], where)
     return ServerData(_aux_set(cfg, [train[i] for i in split.aux]), evals, kind, requests,
-                      tuple(len(part) for part in split.clients))
+                      tuple(sum(len(training_pairs(train[i])) for i in part) for part in split.clients))
 
 
 @functools.lru_cache(maxsize=8)

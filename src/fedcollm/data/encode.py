@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcollm.data.records import Record, training_pair
+from fedcollm.data.records import Record, all_pairs
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ def encode_pair(tokenizer, ctx: str, cont: str, max_length: int) -> Encoded:
 
 
 def encode_for_training(tokenizer, recs: list[Record], max_length: int) -> list[Encoded]:
-    return encode_pairs(tokenizer, [training_pair(r) for r in recs], max_length)
+    """The records' examples (records.training_pairs: one per learnt turn), in order."""
+    return encode_pairs(tokenizer, all_pairs(recs), max_length)
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -7,7 +7,8 @@ Four line formats are read, detected per line:
   {"id"?: str, "question": str, "choices": [str, ...], "answer": int (0-based) | "B"}
 - instruction data in TRL's standard prompt-completion form (records.Completion):
   {"id"?: str, "prompt": str, "completion": str}
-- instruction data in TRL's conversational forms (data/chat.py: rendered by a chat template):
+- instruction data in TRL's conversational forms (data/chat.py: rendered by a chat template, one
+  pair per learnt answer):
   {"id"?: str, "messages": [{"role", "content"}, ...]} or {"prompt": [messages], "completion": [message]}
 
 Where a dataset is looked for, in order: the path the user gives (`data.path`), $FEDCOLLM_DATA,
@@ -23,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcollm.data.chat import Conversation, parse_messages
+from fedcollm.data.chat import Conversation, conversation
 from fedcollm.data.records import Completion, MCQRecord, Record
 from fedcollm.errors import FedCoLLMError
 
@@ -69,7 +70,7 @@ DATASETS: dict[str, DatasetSpec] = {
 def _parse_completion(obj: dict, where: str) -> Completion | Conversation:
     prompt, completion = obj.get("prompt"), obj.get("completion")
     if isinstance(prompt, list):  # TRL's conversational prompt-completion form
-        return Conversation(str(obj.get("id", where)), parse_messages(prompt, where, completion))
+        return conversation(str(obj.get("id", where)), prompt, where, completion)
     if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
         raise FedCoLLMError(f"{where}: a prompt-completion record needs a 'prompt' string and a non-empty "
                             "'completion' string")
@@ -78,7 +79,7 @@ def _parse_completion(obj: dict, where: str) -> Completion | Conversation:
 
 def _parse_line(obj: dict, style: str, where: str) -> Record | Conversation:
     if "messages" in obj and "question" not in obj:
-        return Conversation(str(obj.get("id", where)), parse_messages(obj["messages"], where))
+        return conversation(str(obj.get("id", where)), obj["messages"], where)
     if "prompt" in obj and "question" not in obj:
         return _parse_completion(obj, where)
     q = obj.get("question")

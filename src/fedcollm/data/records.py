@@ -6,6 +6,10 @@ answer`, and evaluation compares the log-likelihood of each `" " + choice` after
 Completion trains on `prompt + completion` as given, the loss on the completion's tokens: the
 same training step, so clients, auxiliary data and KD take either kind (mixed too). As an
 evaluation set, completions are scored by that loss (eval/completion.py), not by accuracy.
+
+A record is one example per pair `training_pairs` gives: one for an MCQ item, one for each
+learnt turn of a conversation (data/chat.py). A record stays whole when data is split, so no
+turn of one conversation lands in another part than its other turns.
 """
 
 from __future__ import annotations
@@ -31,17 +35,26 @@ class Completion:
     id: str
     prompt: str
     completion: str
+    # A conversation's earlier assistant turns, each (the conversation up to it, the turn), learnt
+    # too (data/chat.py); () for a single prompt-completion pair.
+    earlier: tuple[tuple[str, str], ...] = ()
 
 
 Record = MCQRecord | Completion
 
 
-def training_pair(rec: Record) -> tuple[str, str]:
-    """(what the model reads, what it learns to continue with): the correct choice after the
-    lm-eval prompt for an MCQ record, the completion after the prompt for a Completion."""
+def training_pairs(rec: Record) -> list[tuple[str, str]]:
+    """The record's examples, each (what the model reads, what it learns to continue with): the
+    correct choice after the lm-eval prompt for an MCQ record; for a Completion, each earlier turn
+    after the conversation up to it, then the completion after the prompt."""
     if isinstance(rec, Completion):
-        return rec.prompt, rec.completion
-    return context(rec), continuations(rec)[rec.answer]
+        return [*rec.earlier, (rec.prompt, rec.completion)]
+    return [(context(rec), continuations(rec)[rec.answer])]
+
+
+def all_pairs(records: list[Record]) -> list[tuple[str, str]]:
+    """Every record's examples, in order (what training, KD and the completion loss read)."""
+    return [pair for r in records for pair in training_pairs(r)]
 
 
 def words_of(rec: Record) -> str:
@@ -81,16 +94,19 @@ def continuations(rec: MCQRecord) -> list[str]:
 def shared_items(evals: list[Record], train: list[Record]) -> int:
     """How many evaluation items are also training items, ignoring case and surrounding spaces:
     an MCQ item whose question and choices (in order) an MCQ training record has, or whose prompt
-    a prompt-completion training record has; a prompt-completion item whose prompt any training
-    record has (an MCQ record's prompt being its lm-eval prompt)."""
+    a prompt-completion training record has; a prompt-completion item whose (last) prompt any
+    training record has, an earlier turn's too (an MCQ record's prompt being its lm-eval prompt)."""
     def key(r: MCQRecord) -> tuple:
         return r.question.strip().lower(), tuple(c.strip().lower() for c in r.choices)
 
+    def prompts_of(r: Record) -> set[str]:
+        return {p.strip().lower() for p, _ in training_pairs(r)}
+
     def prompt(r: Record) -> str:
-        return training_pair(r)[0].strip().lower()
+        return training_pairs(r)[-1][0].strip().lower()
 
     mcq = {key(r) for r in train if isinstance(r, MCQRecord)}
-    completion_prompts = {prompt(r) for r in train if isinstance(r, Completion)}
+    completion_prompts = set().union(*(prompts_of(r) for r in train if isinstance(r, Completion)))
     prompts = completion_prompts | {prompt(r) for r in train if isinstance(r, MCQRecord)}
     return sum(prompt(r) in prompts if isinstance(r, Completion) else
                key(r) in mcq or prompt(r) in completion_prompts for r in evals)

@@ -23,7 +23,7 @@ from fedcollm.train.batches import on
 @torch.inference_mode()
 def completion_loss(model, examples: list[Encoded], *, batch_size: int, pad_id: int, device: torch.device,
                     progress: bool = False, desc: str = "eval") -> dict:
-    """loss (mean over completion tokens), ppl = exp(loss), n (items) and tokens; `batch_size`
+    """loss (mean over completion tokens), ppl = exp(loss), n (sequences) and tokens; `batch_size`
     sequences per forward pass, longest first (little padding, and an out-of-memory shows at once)."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))

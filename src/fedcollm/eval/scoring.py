@@ -31,7 +31,8 @@ def kind_of(records: list[Record], where: str) -> str:
 
 def prepare(tokenizer, records: list[Record], kind: str, max_length: int) -> list:
     """The set (of `kind`, as kind_of found it) as `score` reads it, tokenized once for many
-    scorings: each question's choices, or each prompt-completion pair as training encodes it."""
+    scorings: each question's choices, or each record's prompt-completion pairs (one per learnt turn)
+    as training encodes them."""
     if kind == COMPLETION:
         return encode_for_training(tokenizer, records, max_length)
     return encode_requests(tokenizer, records, max_length)
@@ -42,8 +43,8 @@ def score(model, tokenizer, records: list[Record], prepared: list[Request] | lis
     """The set's figures (METRICS of its kind) and n; for multiple choice also which items each
     metric got right (`correct`, `correct_norm`: the paired tests)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if prepared and isinstance(prepared[0], Encoded):
-        return completion_loss(model, prepared, batch_size=auto_batch_size(batch_size, device), pad_id=pad,
-                               device=device, progress=progress, desc=desc)
+    if prepared and isinstance(prepared[0], Encoded):  # n: the set's records (a conversation's turns are one item)
+        return {**completion_loss(model, prepared, batch_size=auto_batch_size(batch_size, device), pad_id=pad,
+                                  device=device, progress=progress, desc=desc), "n": len(records)}
     return accuracy(records, choice_logliks(model, prepared, batch_size=batch_size, device=device, pad_id=pad,
                                             progress=progress, desc=desc))
