@@ -87,3 +87,60 @@ def test_eval_command_scores_the_saved_slm_like_the_run(smoke_run, mcq_files):
     assert got["n"] == 12
     assert got["acc"] == pytest.approx(summary["slm"]["acc"])
     assert got["acc_norm"] == pytest.approx(summary["slm"]["acc_norm"])
+
+
+def _export(smoke_run, dest, *extra: str) -> subprocess.CompletedProcess:
+    out, _ = smoke_run
+    return subprocess.run([sys.executable, "-m", "fedcollm.cli", "export", "--model", "tiny-random", "--prune", "1,1",
+                           "--adapter", str(out / "adapters" / "slm"), "--out", str(dest), *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_export_merges_the_slm_adapter_into_a_folder_transformers_loads_alone(smoke_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    out, _ = smoke_run
+    dest = tmp_path / "slm-merged"
+    proc = _export(smoke_run, dest)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = load_config(out / "config.toml")
+    adapted = PeftModel.from_pretrained(components.slm_base(cfg), out / "adapters" / "slm")
+    merged = AutoModelForCausalLM.from_pretrained(dest)
+    record = json.loads((dest / "fedcollm-export.json").read_text())
+    assert merged.config.num_hidden_layers == record["layers"] == len(components.slm_base(cfg).model.layers)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        got = merged(ids).logits
+        assert torch.allclose(got, adapted(ids).logits, atol=1e-4)
+        with adapted.disable_adapter():  # the adapter is in the merged weights
+            assert not torch.allclose(got, adapted(ids).logits, atol=1e-3)
+    assert AutoTokenizer.from_pretrained(dest)("an apple")["input_ids"] == \
+        components.tokenizer(cfg, "slm")("an apple")["input_ids"]
+    # bf16: half the bytes, checked the same way against the merged model as saved
+    proc = _export(smoke_run, tmp_path / "bf16", "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+
+
+def test_export_never_writes_over_a_folder_that_holds_something(smoke_run, tmp_path):
+    dest = tmp_path / "taken"
+    dest.mkdir()
+    (dest / "mine.txt").write_text("keep")
+    proc = _export(smoke_run, dest)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"fedcollm: error: --out {dest}: already exists and is not an empty folder; give a new one"
+    assert [p.name for p in dest.iterdir()] == ["mine.txt"]
+
+
+def test_an_export_whose_merge_changes_the_model_is_refused_and_leaves_nothing(smoke_run, tmp_path, monkeypatch):
+    from fedcollm.errors import FedCoLLMError  # noqa: PLC0415
+    from fedcollm.models.export import export_merged  # noqa: PLC0415
+
+    out, _ = smoke_run
+    cfg = load_config(out / "config.toml")
+    adapted = PeftModel.from_pretrained(components.slm_base(cfg), out / "adapters" / "slm")
+    # a "merge" that drops the adapter
+    monkeypatch.setattr(PeftModel, "merge_and_unload", lambda self: self.base_model.unload(), raising=False)
+    with pytest.raises(FedCoLLMError, match=r"^export: the merged model's logits differ from the adapted model's by "):
+        export_merged(adapted, components.tokenizer(cfg, "slm"), tmp_path / "bad", torch.float32, {})
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,5 @@
-"""`fedcollm run | deploy-local | experiment | eval`: parse arguments, call the launchers, print where the results are."""
+"""`fedcollm run | deploy-local | experiment | eval | generate | export`: parse arguments, call the
+launchers, print where the results are."""
 
 from __future__ import annotations
 
@@ -156,6 +157,32 @@ def _dev_search(args, datasets: list[str], seeds: list[int], out, command: str) 
     return 0
 
 
+def _prune(args) -> tuple[int, int] | None:
+    if not args.prune:
+        return None
+    try:
+        first, last = (int(x) for x in args.prune.split(","))
+    except ValueError:
+        raise FedCoLLMError(f"--prune {args.prune!r}: expected FIRST,LAST, e.g. 10,10") from None
+    return first, last
+
+
+def _model(args, device, dtype):
+    """--model, pruned by --prune, on `device`, with --adapter loaded (a PeftModel) if given."""
+    from fedcollm.models.loading import load_base_model, prune_layers  # noqa: PLC0415
+
+    prune = _prune(args)  # a bad value is said before a model loads
+    model = load_base_model(args.model, dtype)
+    if prune:
+        model = prune_layers(model, *prune)
+    model = model.to(device)  # after pruning: the dropped layers never reach the device
+    if args.adapter:
+        from fedcollm.models.lora import load_saved_adapter  # noqa: PLC0415
+
+        model = load_saved_adapter(model, args.adapter, prune)
+    return model
+
+
 def cmd_eval(args) -> int:
     import torch  # noqa: PLC0415
 
@@ -163,8 +190,7 @@ def cmd_eval(args) -> int:
     from fedcollm.data.loaders import load_split, read_jsonl  # noqa: PLC0415
     from fedcollm.eval import scoring  # noqa: PLC0415
     from fedcollm.eval.mcq import auto_batch_size  # noqa: PLC0415
-    from fedcollm.models.loading import (  # noqa: PLC0415
-        load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
+    from fedcollm.models.loading import load_tokenizer, resolve_device, resolve_dtype  # noqa: PLC0415
     from fedcollm.train.memory import out_of_memory_advice, scoring_advice  # noqa: PLC0415
 
     device = resolve_device(args.device, "--device")
@@ -179,20 +205,7 @@ def cmd_eval(args) -> int:
     kind = scoring.kind_of(records, where)
     if args.limit:
         records = records[: args.limit]
-    model = load_base_model(args.model, resolve_dtype("auto", device))
-    prune = None
-    if args.prune:
-        try:
-            first, last = (int(x) for x in args.prune.split(","))
-        except ValueError:
-            raise FedCoLLMError(f"--prune {args.prune!r}: expected FIRST,LAST, e.g. 10,10") from None
-        prune = (first, last)
-        model = prune_layers(model, first, last)
-    model = model.to(device)  # after pruning: the dropped layers never reach the device
-    if args.adapter:
-        from fedcollm.models.lora import load_saved_adapter  # noqa: PLC0415
-
-        model = load_saved_adapter(model, args.adapter, prune)
+    model = _model(args, device, resolve_dtype("auto", device))
     with torch.inference_mode(), out_of_memory_advice(
             f"scoring on {device}", scoring_advice(auto_batch_size(args.batch_size, device), "--batch-size")):
         res = scoring.score(model, tok, records, scoring.prepare(tok, records, kind, args.max_length),
@@ -201,6 +214,67 @@ def cmd_eval(args) -> int:
                       "split": None if args.file else args.split,  # a file is scored whole
                       **{k: res[k] for k in (*scoring.metrics_of(res), "n")}}))
     return 0
+
+
+def _prompts(args, tok) -> list[dict]:
+    """What `fedcollm generate` writes after: each --prompt (a user message through the chat
+    template with --chat), or each record of --file (an MCQ item's lm-eval prompt, a
+    prompt-completion record's prompt, a conversation rendered up to its last answer), with the
+    answer the file gives as `reference`."""
+    from fedcollm.data import chat  # noqa: PLC0415
+    from fedcollm.data.loaders import read_jsonl  # noqa: PLC0415
+    from fedcollm.data.records import training_pairs  # noqa: PLC0415
+
+    if bool(args.prompt) == bool(args.file):
+        raise FedCoLLMError("fedcollm generate: give --prompt (once or more) or --file, not both")
+    if args.file:
+        records = chat.render(read_jsonl(args.file), lambda: tok, args.model)
+        return [dict(zip(("id", "prompt", "reference"), (r.id, *training_pairs(r)[-1]))) for r in records]
+    if args.chat and not getattr(tok, "chat_template", None):
+        raise FedCoLLMError(f"fedcollm generate --chat: the tokenizer of {args.model} has no chat template")
+    return [{"id": f"prompt{i}", "prompt": tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                                   add_generation_prompt=True) if args.chat else p}
+            for i, p in enumerate(args.prompt)]
+
+
+def cmd_generate(args) -> int:
+    from fedcollm.models.generate import generate  # noqa: PLC0415
+    from fedcollm.models.loading import load_tokenizer, resolve_device, resolve_dtype  # noqa: PLC0415
+
+    device = resolve_device(args.device, "--device")
+    tok = load_tokenizer(args.model)
+    items = _prompts(args, tok)  # a bad file is said before a model loads
+    model = _model(args, device, resolve_dtype("auto", device))
+    texts = generate(model, tok, [it["prompt"] for it in items], max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, device=device, progress=True)
+    for it, text in zip(items, texts):
+        print(json.dumps({**it, "generation": text}, ensure_ascii=False))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from fedcollm.models.export import check_destination, export_merged  # noqa: PLC0415
+    from fedcollm.models.loading import load_tokenizer  # noqa: PLC0415
+    from fedcollm.version import code_version  # noqa: PLC0415
+
+    out = check_destination(Path(args.out))  # said before a model loads
+    model = _model(args, torch.device("cpu"), torch.float32)  # merged in fp32, then cast
+    record = export_merged(model, load_tokenizer(args.model), out, getattr(torch, args.dtype),
+                           {"model": args.model, "adapter": str(Path(args.adapter).resolve()), "prune": _prune(args),
+                            "fedcollm_code_version": code_version()})
+    print(json.dumps({"out": str(out), **record}))
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    p.add_argument("--model", required=True, help="smollm2-135m | tiny-random | HF id | folder | .gguf")
+    p.add_argument("--adapter", required=adapter_required,
+                   help="a saved LoRA adapter folder (a run's OUT/adapters/slm or OUT/adapters/llm)")
+    p.add_argument("--prune", help="FIRST,LAST: keep these many first/last layers (the SLM base, e.g. 10,10)")
 
 
 def _listed(text: str, flag: str, parse=str, what: str = "names"):
@@ -274,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p_eval = sub.add_parser("eval", help="score one model (+ adapter): accuracy on a multiple-choice split, "
                             "or the loss of a file of prompt-completion records")
-    p_eval.add_argument("--model", required=True, help="smollm2-135m | tiny-random | HF id | folder | .gguf")
-    p_eval.add_argument("--adapter", help="a saved LoRA adapter folder (adapters/slm or adapters/llm)")
-    p_eval.add_argument("--prune", help="FIRST,LAST: keep these many first/last layers (the SLM base)")
+    _add_model_args(p_eval)
     p_eval.add_argument("--data", default="arc_easy", help="arc_easy | arc_challenge | openbookqa | commonsense_qa")
     p_eval.add_argument("--file", help="a JSONL file instead of --data: MCQ or prompt-completion records")
     p_eval.add_argument("--data-path", help="data root to search first")
@@ -287,6 +359,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="choices per forward pass (0: 16 on CPU, 256 on GPU)")
     p_eval.add_argument("--device", default="auto")
     p_eval.set_defaults(func=cmd_eval)
+
+    p_gen = sub.add_parser("generate", help="what one model (+ adapter) writes after prompts (greedy), as JSON lines")
+    _add_model_args(p_gen)
+    p_gen.add_argument("--prompt", action="append", default=[], help="a prompt, as given (repeat for more)")
+    p_gen.add_argument("--chat", action="store_true", help="with --prompt: each a user message through the chat "
+                       "template (conversations in --file always are)")
+    p_gen.add_argument("--file", help="a JSONL file of MCQ, prompt-completion or conversational records: "
+                       "each record's prompt, its answer as `reference`")
+    p_gen.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    p_gen.add_argument("--batch-size", type=_at_least(1), default=8, help="prompts per batch")
+    p_gen.add_argument("--device", default="auto")
+    p_gen.set_defaults(func=cmd_generate)
+
+    p_exp_model = sub.add_parser("export", help="merge an adapter into its base and save a plain Hugging Face "
+                                 "model folder (checked: same logits)")
+    _add_model_args(p_exp_model, adapter_required=True)
+    p_exp_model.add_argument("--out", required=True, help="a new folder for the merged model and its tokenizer")
+    p_exp_model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p_exp_model.set_defaults(func=cmd_export)
 
     args = parser.parse_args(argv)
     try:
