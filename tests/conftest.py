@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedcollm.config import load_config
 
@@ -46,3 +47,18 @@ def smoke_overrides(mcq_files, tmp_path) -> list[str]:
 @pytest.fixture
 def smoke_cfg(smoke_overrides):
     return load_config(overrides=smoke_overrides, preset="smoke")
+
+
+@pytest.fixture
+def adapted_slm(smoke_cfg):
+    """(the smoke SLM, in eval mode, with a LoRA adapter that changes what it computes (B drawn, not 0),
+    its tokenizer)."""
+    from fedcollm import components  # noqa: PLC0415
+
+    model = components.build_slm(smoke_cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    return model.eval(), components.tokenizer(smoke_cfg, "slm")

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
-from fedcollm import components
 from fedcollm.data.encode import bos_prefix
 from fedcollm.models.generate import generate, stop_ids
 
@@ -25,20 +23,8 @@ def _greedy_by_hand(model, tok, prompt: str, n: int) -> str:
     return tok.decode(new, skip_special_tokens=True)
 
 
-@pytest.fixture
-def adapted(smoke_cfg):
-    """The smoke SLM with a LoRA adapter that changes what it writes (B drawn, not 0)."""
-    model = components.build_slm(smoke_cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-    return model, components.tokenizer(smoke_cfg, "slm")
-
-
-def test_batched_greedy_text_is_each_prompts_own(adapted):
-    model, tok = adapted
+def test_batched_greedy_text_is_each_prompts_own(adapted_slm):
+    model, tok = adapted_slm
     prompts = ["What colour is the sky?", "Hi", "Question: Which of these is a mammal?\nAnswer:", "The apple is",
                "a"]
     got = generate(model, tok, prompts, max_new_tokens=12, batch_size=3, device=torch.device("cpu"))

@@ -116,10 +116,6 @@ def test_export_merges_the_slm_adapter_into_a_folder_transformers_loads_alone(sm
             assert not torch.allclose(got, adapted(ids).logits, atol=1e-3)
     assert AutoTokenizer.from_pretrained(dest)("an apple")["input_ids"] == \
         components.tokenizer(cfg, "slm")("an apple")["input_ids"]
-    # bf16: half the bytes, checked the same way against the merged model as saved
-    proc = _export(smoke_run, tmp_path / "bf16", "--dtype", "bfloat16")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
 
 
 def test_export_never_writes_over_a_folder_that_holds_something(smoke_run, tmp_path):
@@ -130,17 +126,3 @@ def test_export_never_writes_over_a_folder_that_holds_something(smoke_run, tmp_p
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"fedcollm: error: --out {dest}: already exists and is not an empty folder; give a new one"
     assert [p.name for p in dest.iterdir()] == ["mine.txt"]
-
-
-def test_an_export_whose_merge_changes_the_model_is_refused_and_leaves_nothing(smoke_run, tmp_path, monkeypatch):
-    from fedcollm.errors import FedCoLLMError  # noqa: PLC0415
-    from fedcollm.models.export import export_merged  # noqa: PLC0415
-
-    out, _ = smoke_run
-    cfg = load_config(out / "config.toml")
-    adapted = PeftModel.from_pretrained(components.slm_base(cfg), out / "adapters" / "slm")
-    # a "merge" that drops the adapter
-    monkeypatch.setattr(PeftModel, "merge_and_unload", lambda self: self.base_model.unload(), raising=False)
-    with pytest.raises(FedCoLLMError, match=r"^export: the merged model's logits differ from the adapted model's by "):
-        export_merged(adapted, components.tokenizer(cfg, "slm"), tmp_path / "bad", torch.float32, {})
-    assert list(tmp_path.iterdir()) == []

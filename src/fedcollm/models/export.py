@@ -48,6 +48,7 @@ def export_merged(adapted, tokenizer, out: Path, dtype: torch.dtype, provenance:
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     out = check_destination(Path(out))
+    adapted.eval()  # no dropout: the logits compared are the function saved
     ids = torch.tensor([bos_prefix(tokenizer) + tokenizer(PROBE, add_special_tokens=False)["input_ids"]])
     want = _logits(adapted, ids)
     merged = adapted.merge_and_unload()
