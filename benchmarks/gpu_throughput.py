@@ -83,7 +83,7 @@ def measure(device_name: str, eval_items: int, train_examples: int, sets: list[s
 
     from fedcollm import components  # noqa: PLC0415
     from fedcollm.config import load_config  # noqa: PLC0415
-    from fedcollm.eval.mcq import evaluate  # noqa: PLC0415
+    from fedcollm.eval import scoring  # noqa: PLC0415
     from fedcollm.train.distill import AuxSet, mutual_distill  # noqa: PLC0415
     from fedcollm.train.sft import sft  # noqa: PLC0415
 
@@ -102,8 +102,8 @@ def measure(device_name: str, eval_items: int, train_examples: int, sets: list[s
     eval_tokens = sum(len(r.context) + sum(len(c) for c in r.choices) for r in data.eval_requests["llm"])
     with GpuBusy() as busy:
         t0 = time.perf_counter()
-        acc = {name: evaluate(model, components.tokenizer(cfg, name), data.evals, max_length=cfg.data.max_length,
-                              batch_size=cfg.run.eval_batch_size, device=device, requests=data.eval_requests[name])["acc"]
+        acc = {name: scoring.score(model, components.tokenizer(cfg, name), data.evals, data.eval_requests[name],
+                                   batch_size=cfg.run.eval_batch_size, device=device)["acc"]
                for name, model in (("slm", slm), ("llm", llm))}
         _sync(device)
         secs = time.perf_counter() - t0

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from fedcollm.data.records import MCQRecord, context, continuations
-from fedcollm.eval.mcq import accuracy, choice_logliks, encode_requests, evaluate
+from fedcollm.eval import scoring
+from fedcollm.eval.mcq import accuracy, choice_logliks, encode_requests
 from fedcollm.models.loading import tiny_model, tiny_tokenizer
 
 RECORDS = [
@@ -92,9 +93,10 @@ def test_lm_eval_definitions_on_hand_computed_items():
     assert res["n"] == 3
 
 
-def test_evaluate_scores_the_tiny_model_end_to_end(tiny):
+def test_scoring_scores_the_tiny_model_end_to_end(tiny):
     model, tok = tiny
-    res = evaluate(model, tok, RECORDS, max_length=128, batch_size=5, device=torch.device("cpu"))
+    res = scoring.score(model, tok, RECORDS, scoring.prepare(tok, RECORDS, scoring.MCQ, 128), batch_size=5,
+                        device=torch.device("cpu"))
     by_hand = [[_by_hand(model, tok, context(r), c) for c in continuations(r)] for r in RECORDS]
     assert res == accuracy(RECORDS, by_hand)
 

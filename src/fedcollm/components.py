@@ -32,7 +32,7 @@ import torch
 
 from fedcollm.config import Config
 from fedcollm.data import chat
-from fedcollm.data.encode import Encoded, encode_for_training, encode_pairs
+from fedcollm.data.encode import Encoded, encode_for_training, encode_pairs, pad_id_of
 from fedcollm.data.loaders import load_eval, load_train, read_jsonl, style_of
 from fedcollm.data.partition import Split, split_indices
 from fedcollm.data.records import (Record, all_pairs, check_held_out, context, continuations, only_multiple_choice,
@@ -108,8 +108,7 @@ def shares_tokenizer(cfg: Config) -> bool:
 
 
 def pad_id(cfg: Config, model: str = "slm") -> int:
-    tok = tokenizer(cfg, model)
-    return tok.pad_token_id if tok.pad_token_id is not None else 0
+    return pad_id_of(tokenizer(cfg, model))
 
 
 def _held_out(records: list[Record], n: int) -> tuple[list[Record], list[Record]]:

@@ -27,6 +27,11 @@ def bos_prefix(tokenizer) -> list[int]:
         tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos] else []
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id that fills a batch's rows past their ends (masked out: any id does, 0 without one)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, with_spans: bool = False) -> list[Encoded]:
     """(context, continuation) pairs → ids, tokenized in two batched calls (the fast tokenizer
     does the work in Rust, not one Python call per string).

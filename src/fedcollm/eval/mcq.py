@@ -136,16 +136,3 @@ def accuracy(records: list[MCQRecord], logliks: list[list[float]]) -> dict:
     n = max(len(records), 1)
     return {"acc": sum(correct) / n, "acc_norm": sum(correct_norm) / n, "n": len(records),
             "correct": correct, "correct_norm": correct_norm}
-
-
-def evaluate(model, tokenizer, records: list[MCQRecord], *, max_length: int, batch_size: int,
-             device: torch.device, progress: bool = False, desc: str = "eval",
-             requests: list[Request] | None = None) -> dict:
-    """accuracy() of the model; pass `requests` (encode_requests of the records) to encode once
-    for many evaluations."""
-    if requests is None:
-        requests = encode_requests(tokenizer, records, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ll = choice_logliks(model, requests, batch_size=batch_size, device=device, pad_id=pad_id,
-                        progress=progress, desc=desc)
-    return accuracy(records, ll)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fedcollm.data.encode import Encoded, encode_for_training
+from fedcollm.data.encode import Encoded, encode_for_training, pad_id_of
 from fedcollm.data.records import Completion, Record
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval.completion import completion_loss
@@ -42,7 +42,7 @@ def score(model, tokenizer, records: list[Record], prepared: list[Request] | lis
           device: torch.device, progress: bool = False, desc: str = "eval") -> dict:
     """The set's figures (METRICS of its kind) and n; for multiple choice also which items each
     metric got right (`correct`, `correct_norm`: the paired tests)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(tokenizer)
     if prepared and isinstance(prepared[0], Encoded):  # n: the set's records (a conversation's turns are one item)
         return {**completion_loss(model, prepared, batch_size=auto_batch_size(batch_size, device), pad_id=pad,
                                   device=device, progress=progress, desc=desc), "n": len(records)}

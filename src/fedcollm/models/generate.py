@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fedcollm.data.encode import bos_prefix
+from fedcollm.data.encode import bos_prefix, pad_id_of
 from fedcollm.progress import progress_bar
 
 
@@ -31,7 +31,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     decoded without special tokens."""
     model.eval()
     bos, stops = bos_prefix(tokenizer), stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    pad = pad_id_of(tokenizer)
     ids = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(ids)
