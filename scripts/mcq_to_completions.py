@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedcollm.data.loaders import read_jsonl
+from fedcollm.data.loaders import read_records
 from fedcollm.data.records import MCQRecord, context, continuations
 
 
@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--style", default="arc", help="the dataset's prompt template (data/records.py)")
     args = p.parse_args()
-    records = read_jsonl(args.source, args.style)
+    records = read_records(args.source, args.style)
     other = next((r for r in records if not isinstance(r, MCQRecord)), None)
     if other is not None:
         raise SystemExit(f"{args.source}: record {other.id} is not a multiple-choice item")

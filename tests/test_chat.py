@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from fedcollm import components
 from fedcollm.data.chat import Conversation, conversation, render
 from fedcollm.data.encode import encode_pairs
-from fedcollm.data.loaders import read_jsonl
+from fedcollm.data.loaders import read_records
 from fedcollm.data.records import Completion, shared_items, training_pairs
 from fedcollm.errors import FedCoLLMError
 from fedcollm.eval import scoring
@@ -61,7 +61,7 @@ def chatml(smoke_cfg, monkeypatch):
 
 def test_both_conversational_forms_are_read_as_conversations(tmp_path):
     path, chats = _conversations(tmp_path / "chats.jsonl", 2)
-    assert read_jsonl(path) == [Conversation(f"c{i}", tuple(chat), (2,)) for i, chat in enumerate(chats)]
+    assert read_records(path) == [Conversation(f"c{i}", tuple(chat), (2,)) for i, chat in enumerate(chats)]
 
 
 @pytest.mark.parametrize("obj,message", [
@@ -78,7 +78,7 @@ def test_a_malformed_conversation_names_file_and_line(tmp_path, obj, message):
     f.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
                  + json.dumps(obj) + "\n")
     with pytest.raises(FedCoLLMError) as err:
-        read_jsonl(f)
+        read_records(f)
     assert str(err.value).startswith(f"{f}:2: ") and message in str(err.value)
 
 
@@ -91,7 +91,7 @@ def test_conversations_train_as_the_pairs_their_chat_template_spells(chatml, tmp
                                + "\n" for i, c in enumerate(chats)))
     a, b = (dataclasses.replace(chatml, data=dataclasses.replace(chatml.data, train_file=str(f)))
             for f in (convs, spelled))
-    assert components.train_split(a)[0] == read_jsonl(spelled)
+    assert components.train_split(a)[0] == read_records(spelled)
     for k in range(a.data.num_clients):
         assert components.client_examples(a, k) == components.client_examples(b, k)
     assert components.server_data(a).aux == components.server_data(b).aux
@@ -156,7 +156,7 @@ def test_every_answer_of_a_messages_conversation_is_learnt_after_the_conversatio
     record is not split between parts), and the server counts a client's examples as its clients
     do (the cap on the example counts they report)."""
     path, chats = _dialogues(tmp_path / "dialogues.jsonl", 40)
-    assert [r.learnt for r in read_jsonl(path)[:3]] == [(2, 4), (1, 3), (1, 3)]
+    assert [r.learnt for r in read_records(path)[:3]] == [(2, 4), (1, 3), (1, 3)]
     cfg = dataclasses.replace(chatml, data=dataclasses.replace(chatml.data, train_file=str(path)))
     train, split = components.train_split(cfg)
     by_id = {f"d{i}": _turns(chat) for i, chat in enumerate(chats)}
@@ -207,4 +207,4 @@ def test_a_chat_template_that_refuses_a_conversation_is_refused_in_one_line(chat
     path, _ = _conversations(tmp_path / "chats.jsonl", 1)
     with pytest.raises(FedCoLLMError, match=r"^c0: tiny's chat template refused the conversation up to message 2: "
                                             r"System role not supported$"):
-        render(read_jsonl(path), lambda: tok, "tiny")
+        render(read_records(path), lambda: tok, "tiny")

@@ -18,7 +18,7 @@ import torch
 
 from fedcollm import components
 from fedcollm.config import load_config
-from fedcollm.data.loaders import read_jsonl
+from fedcollm.data.loaders import read_records
 from fedcollm.data.partition import split_indices
 from fedcollm.data.records import Completion, MCQRecord, continuations, context, shared_items
 from fedcollm.errors import FedCoLLMError
@@ -29,7 +29,7 @@ from conftest import COLORS, THINGS
 def _as_completions(mcq_file: Path, out: Path) -> Path:
     """The MCQ file's items as prompt-completion lines: the lm-eval prompt and the correct answer."""
     with out.open("w") as fh:
-        for r in read_jsonl(mcq_file):
+        for r in read_records(mcq_file):
             fh.write(json.dumps({"id": r.id, "prompt": context(r), "completion": continuations(r)[r.answer]}) + "\n")
     return out
 
@@ -48,7 +48,7 @@ def test_prompt_completion_lines_are_read_beside_mcq_lines(tmp_path):
     f.write_text('{"id": "c1", "prompt": "Say hi.\\n", "completion": "Hi!"}\n'
                  '{"question": "2+2?", "choices": ["3", "4"], "answer": "B"}\n'
                  '{"prompt": "", "completion": " 42"}\n')
-    first, second, third = read_jsonl(f)
+    first, second, third = read_records(f)
     assert first == Completion("c1", "Say hi.\n", "Hi!")
     assert isinstance(second, MCQRecord) and second.answer == 1
     assert third == Completion(f"{f}:3", "", " 42")  # no id: its file and line
@@ -150,7 +150,7 @@ def test_choice_level_kd_and_the_answer_position_split_are_refused_for_completio
                                             r"\(question, choices, answer\); use 'token'"):
         components._aux_set(choice, [components.train_split(choice)[0][i]
                                      for i in components.train_split(choice)[1].aux])
-    records = read_jsonl(train)
+    records = read_records(train)
     with pytest.raises(FedCoLLMError, match=r"data.partition = 'dirichlet': 48 of 48 records .* its label \(the "
                                             r"answer's position\) needs multiple-choice .*; use 'iid' or 'topic'"):
         split_indices(records, 4, "dirichlet", seed=0)

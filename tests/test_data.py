@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcollm.data.loaders import candidate_roots, eval_split_note, load_split, read_jsonl
+from fedcollm.data.loaders import candidate_roots, eval_split_note, load_split, read_records
 from fedcollm.errors import FedCoLLMError
 
 SHARED = next((r for r in candidate_roots() if (r / "arc").is_dir()), None)
@@ -31,7 +31,7 @@ def test_shared_datasets_load(name, split, rows, n_choices):
 
 @needs_shared
 def test_digit_labels_map_by_position():
-    recs = read_jsonl(SHARED / "arc" / "ARC-Easy-Train.jsonl")
+    recs = read_records(SHARED / "arc" / "ARC-Easy-Train.jsonl")
     raw = [json.loads(line) for line in (SHARED / "arc" / "ARC-Easy-Train.jsonl").open()]
     digit = [(r, rec) for r, rec in zip(raw, recs) if r["answerKey"].isdigit()]
     assert digit, "expected some ARC rows labelled 1-4"
@@ -43,7 +43,7 @@ def test_generic_form_with_letter_or_index(tmp_path):
     f = tmp_path / "mine.jsonl"
     f.write_text('{"question": "2+2?", "choices": ["3", "4"], "answer": "B"}\n\n'
                  '{"id": "z", "question": "1+1?", "choices": ["2", "5"], "answer": 0}\n')
-    recs = read_jsonl(f)
+    recs = read_records(f)
     assert [(r.answer, r.choices) for r in recs] == [(1, ("3", "4")), (0, ("2", "5"))]
     assert recs[1].id == "z"
 
@@ -63,9 +63,55 @@ def test_malformed_line_names_file_and_line(tmp_path, line, message):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"question": "ok?", "choices": ["a", "b"], "answer": 0}\n' + line + "\n")
     with pytest.raises(FedCoLLMError) as err:
-        read_jsonl(f)
+        read_records(f)
     text = str(err.value)
     assert text.startswith(f"{f}:2: ") and message in text and "\n" not in text
+
+
+def _parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist reads the first row's keys only
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), path)
+    return path
+
+
+@needs_shared
+def test_a_parquet_file_in_the_hubs_layout_reads_as_the_release_jsonl(tmp_path):
+    """ai2_arc's rows as the hub stores them (question a string, choices {text, label}) give the
+    records of the release file, digit labels included."""
+    release = SHARED / "arc" / "ARC-Easy-Train.jsonl"
+    rows = [{"id": r["id"], "question": r["question"]["stem"], "answerKey": r["answerKey"],
+             "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                         "label": [c["label"] for c in r["question"]["choices"]]}}
+            for r in map(json.loads, release.open())]
+    assert read_records(_parquet(tmp_path / "train.parquet", rows)) == read_records(release)
+
+
+def test_parquet_rows_of_every_kind_read_as_their_json_lines(tmp_path):
+    """One file, rows of several kinds: a column is None where a row lacks the field."""
+    objs = [{"id": "m", "question": "2+2?", "choices": ["3", "4"], "answer": 1},
+            {"id": "p", "prompt": "Say hi.\n", "completion": "Hi!"},
+            {"id": "c", "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}]
+    lines = tmp_path / "mixed.jsonl"
+    lines.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    assert read_records(_parquet(tmp_path / "mixed.parquet", objs)) == read_records(lines)
+    obqa = {"id": "o", "question_stem": "Sun is a", "answerKey": "B",  # openbookqa's hub layout
+            "choices": {"text": ["moon", "star"], "label": ["A", "B"]}}
+    (rec,) = read_records(_parquet(tmp_path / "obqa.parquet", [obqa]), "openbookqa")
+    assert (rec.question, rec.choices, rec.answer, rec.style) == ("Sun is a", ("moon", "star"), 1, "openbookqa")
+
+
+def test_a_malformed_parquet_row_or_file_is_named(tmp_path):
+    f = _parquet(tmp_path / "bad.parquet", [{"question": "ok?", "choices": ["a", "b"], "answer": 0},
+                                            {"question": "q", "choices": ["a", "b"], "answer": 5}])
+    with pytest.raises(FedCoLLMError, match=rf"^{f}: row 2: 'answer' must be a choice index or letter, got 5$"):
+        read_records(f)
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet")
+    with pytest.raises(FedCoLLMError, match=rf"^{junk}: not a readable Parquet file \("):
+        read_records(junk)
 
 
 def test_missing_dataset_names_every_place_tried(tmp_path, monkeypatch, capsys):

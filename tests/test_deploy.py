@@ -117,7 +117,7 @@ def test_server_with_an_aux_file_never_reads_the_training_split(own_files, mcq_f
     monkeypatch.setattr(components, "load_train", no_training_split)
     monkeypatch.setattr(loaders, "load_train", no_training_split)
     data = components.server_data(cfg)
-    assert len(data.aux.llm) == len(loaders.read_jsonl(aux)) and data.client_sizes is None
+    assert len(data.aux.llm) == len(loaders.read_records(aux)) and data.client_sizes is None
 
 
 def _processes_of(home: Path) -> list:

@@ -187,7 +187,7 @@ def cmd_eval(args) -> int:
     import torch  # noqa: PLC0415
 
     from fedcollm.data import chat  # noqa: PLC0415
-    from fedcollm.data.loaders import load_split, read_jsonl  # noqa: PLC0415
+    from fedcollm.data.loaders import load_split, read_records  # noqa: PLC0415
     from fedcollm.eval import scoring  # noqa: PLC0415
     from fedcollm.eval.mcq import auto_batch_size  # noqa: PLC0415
     from fedcollm.models.loading import load_tokenizer, resolve_device, resolve_dtype  # noqa: PLC0415
@@ -196,7 +196,7 @@ def cmd_eval(args) -> int:
     device = resolve_device(args.device, "--device")
     # The items first: a file that cannot be scored (a mix of kinds) is said before a model loads.
     if args.file:
-        records = read_jsonl(args.file)
+        records = read_records(args.file)
     else:
         records = load_split(args.data, args.split, args.data_path or "")
     where = args.file or f"{args.data} {args.split}"
@@ -222,13 +222,13 @@ def _prompts(args, tok) -> list[dict]:
     prompt-completion record's prompt, a conversation rendered up to its last answer), with the
     answer the file gives as `reference`."""
     from fedcollm.data import chat  # noqa: PLC0415
-    from fedcollm.data.loaders import read_jsonl  # noqa: PLC0415
+    from fedcollm.data.loaders import read_records  # noqa: PLC0415
     from fedcollm.data.records import training_pairs  # noqa: PLC0415
 
     if bool(args.prompt) == bool(args.file):
         raise FedCoLLMError("fedcollm generate: give --prompt (once or more) or --file, not both")
     if args.file:
-        records = chat.render(read_jsonl(args.file), lambda: tok, args.model)
+        records = chat.render(read_records(args.file), lambda: tok, args.model)
         return [dict(zip(("id", "prompt", "reference"), (r.id, *training_pairs(r)[-1]))) for r in records]
     if args.chat and not getattr(tok, "chat_template", None):
         raise FedCoLLMError(f"fedcollm generate --chat: the tokenizer of {args.model} has no chat template")
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                             "or the loss of a file of prompt-completion records")
     _add_model_args(p_eval)
     p_eval.add_argument("--data", default="arc_easy", help="arc_easy | arc_challenge | openbookqa | commonsense_qa")
-    p_eval.add_argument("--file", help="a JSONL file instead of --data: MCQ or prompt-completion records")
+    p_eval.add_argument("--file", help="a JSONL (or .parquet) file instead of --data: MCQ or prompt-completion records")
     p_eval.add_argument("--data-path", help="data root to search first")
     p_eval.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p_eval.add_argument("--limit", type=_at_least(0), default=0, help="score the first N items (0: all)")
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--prompt", action="append", default=[], help="a prompt, as given (repeat for more)")
     p_gen.add_argument("--chat", action="store_true", help="with --prompt: each a user message through the chat "
                        "template (conversations in --file always are)")
-    p_gen.add_argument("--file", help="a JSONL file of MCQ, prompt-completion or conversational records: "
+    p_gen.add_argument("--file", help="a JSONL (or .parquet) file of MCQ, prompt-completion or conversational records: "
                        "each record's prompt, its answer as `reference`")
     p_gen.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     p_gen.add_argument("--batch-size", type=_at_least(1), default=8, help="prompts per batch")

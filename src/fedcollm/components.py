@@ -33,7 +33,7 @@ import torch
 from fedcollm.config import Config
 from fedcollm.data import chat
 from fedcollm.data.encode import Encoded, encode_for_training, encode_pairs, pad_id_of
-from fedcollm.data.loaders import load_eval, load_train, read_jsonl, style_of
+from fedcollm.data.loaders import load_eval, load_train, read_records, style_of
 from fedcollm.data.partition import Split, split_indices
 from fedcollm.data.records import (Record, all_pairs, check_held_out, context, continuations, only_multiple_choice,
                                    training_pairs)
@@ -184,7 +184,7 @@ def server_data(cfg: Config) -> ServerData:
     requests["slm"] = requests["llm"] if shares_tokenizer(cfg) else \
         scoring.prepare(tokenizer(cfg, "slm"), evals, kind, cfg.data.max_length)
     if cfg.data.aux_file:
-        aux = _rendered(cfg, read_jsonl(cfg.data.aux_file, style_of(cfg.data)))
+        aux = _rendered(cfg, read_records(cfg.data.aux_file, style_of(cfg.data)))
         check_held_out(evals, aux, where)  # the only training data this server has
         return ServerData(_aux_set(cfg, aux), evals, kind, requests, None)
     train, split = train_split(cfg)
@@ -204,7 +204,7 @@ def client_examples(cfg: Config, partition_id: int, model: str = "slm") -> list[
 @functools.lru_cache(maxsize=2)
 def own_examples(cfg: Config, path: str) -> list[Encoded]:
     """All of a SuperNode's own data file, for a client that holds its data itself."""
-    return _encode(cfg, _rendered(cfg, read_jsonl(path, style_of(cfg.data))))
+    return _encode(cfg, _rendered(cfg, read_records(path, style_of(cfg.data))))
 
 
 @functools.lru_cache(maxsize=2)

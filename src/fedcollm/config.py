@@ -79,8 +79,9 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # arc_easy | arc_challenge | openbookqa | commonsense_qa | mcq_jsonl (your own files: MCQ,
-    # prompt-completion or conversational lines; an evaluation file of one kind; data/loaders.py)
+    # arc_easy | arc_challenge | openbookqa | commonsense_qa | mcq_jsonl (your own files, JSON lines
+    # or Parquet: MCQ, prompt-completion or conversational records; an evaluation file of one kind;
+    # data/loaders.py)
     dataset: str = "arc_easy"
     path: str = ""  # data root searched first; then $FEDCOLLM_DATA, ../shared/data, the hub
     train_file: str = ""  # explicit files override the dataset's own (required for mcq_jsonl)

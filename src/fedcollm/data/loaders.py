@@ -1,8 +1,10 @@
 """Read QA splits from local files (or the Hugging Face hub, if reachable).
 
-Four line formats are read, detected per line:
+A file is JSON lines, or Parquet (a `.parquet` file, one record a row, as the Hugging Face hub
+stores datasets). These record formats are read, detected per record:
 - AI2 / original release format (ARC, OpenBookQA, CommonsenseQA):
-  {"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}
+  {"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}, or the hub's layout of
+  them: {"id", "question" | "question_stem": str, "choices": {"text": [...], "label": [...]}, "answerKey"}
 - the generic fedcollm MCQ form, for your own data:
   {"id"?: str, "question": str, "choices": [str, ...], "answer": int (0-based) | "B"}
 - instruction data in TRL's standard prompt-completion form (records.Completion):
@@ -77,7 +79,21 @@ def _parse_completion(obj: dict, where: str) -> Completion | Conversation:
     return Completion(str(obj.get("id", where)), prompt, completion)
 
 
+def _as_ai2(obj: dict, where: str) -> dict:
+    """A row in the Hugging Face hub's layout of these datasets (ai2_arc, commonsense_qa:
+    "question"; openbookqa: "question_stem"; "choices": {"text": [...], "label": [...]}) in the AI2
+    release form."""
+    stem, ch = obj.get("question_stem") or obj.get("question"), obj["choices"]
+    texts, labels = ch.get("text"), ch.get("label")
+    if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels):
+        raise FedCoLLMError(f"{where}: 'choices' must hold 'text' and 'label' lists of one length")
+    return {"id": obj.get("id"), "answerKey": obj.get("answerKey"),
+            "question": {"stem": stem, "choices": [{"text": t, "label": lab} for t, lab in zip(texts, labels)]}}
+
+
 def _parse_line(obj: dict, style: str, where: str) -> Record | Conversation:
+    if isinstance(obj.get("choices"), dict):
+        obj = {k: v for k, v in _as_ai2(obj, where).items() if v is not None}
     if "messages" in obj and "question" not in obj:
         return conversation(str(obj.get("id", where)), obj["messages"], where)
     if "prompt" in obj and "question" not in obj:
@@ -112,14 +128,22 @@ def _parse_line(obj: dict, style: str, where: str) -> Record | Conversation:
                         "(prompt-completion form) or 'messages' (conversation)")
 
 
-def read_jsonl(path: str | Path, style: str = "arc") -> list[Record | Conversation]:
-    """Read one JSONL file of MCQ, prompt-completion or conversational records (mixed too); a
-    malformed line is an error naming the file and line. Conversations are rendered later, by the
-    tokenizer's chat template (chat.render)."""
+def read_records(path: str | Path, style: str = "arc") -> list[Record | Conversation]:
+    """Read one file of MCQ, prompt-completion or conversational records (mixed too): JSON lines,
+    or a Parquet file (`.parquet`, as the Hugging Face hub stores datasets) of the same fields, one
+    record a row. A malformed record is an error naming the file and its line or row.
+    Conversations are rendered later, by the tokenizer's chat template (chat.render)."""
     path = Path(path)
     if not path.is_file():
         raise FedCoLLMError(f"data file {str(path)!r} not found")
-    records = []
+    records = [_parse_line(obj, style, where) for obj, where in
+               (_parquet_rows(path) if path.suffix == ".parquet" else _json_lines(path))]
+    if not records:
+        raise FedCoLLMError(f"data file {str(path)!r} holds no records")
+    return records
+
+
+def _json_lines(path: Path):
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -131,10 +155,19 @@ def read_jsonl(path: str | Path, style: str = "arc") -> list[Record | Conversati
                 raise FedCoLLMError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise FedCoLLMError(f"{where}: expected a JSON object")
-            records.append(_parse_line(obj, style, where))
-    if not records:
-        raise FedCoLLMError(f"data file {str(path)!r} holds no records")
-    return records
+            yield obj, where
+
+
+def _parquet_rows(path: Path):
+    import pyarrow.parquet as pq  # noqa: PLC0415 - installed with datasets
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 - pyarrow raises its own kinds
+        raise FedCoLLMError(f"{path}: not a readable Parquet file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for n, row in enumerate(rows, 1):  # a column holds None where a row lacks the field
+        yield {k: v for k, v in row.items() if v is not None}, f"{path}: row {n}"
 
 
 def candidate_roots(user_path: str = "") -> list[Path]:
@@ -157,15 +190,7 @@ def _from_hub(spec: DatasetSpec, split: str) -> list[Record]:
 
     name, conf = spec.hub
     ds = datasets.load_dataset(name, conf, split=dict(spec.hub_splits)[split])
-    out = []
-    for i, row in enumerate(ds):
-        stem = row.get("question_stem") or row["question"]
-        obj = {"id": row.get("id", str(i)), "answerKey": row["answerKey"],
-               "question": {"stem": stem, "choices": [
-                   {"text": t, "label": lab}
-                   for t, lab in zip(row["choices"]["text"], row["choices"]["label"])]}}
-        out.append(_parse_line(obj, spec.style, f"{name}:{split}:{i}"))
-    return out
+    return [_parse_line(dict(row), spec.style, f"{name}:{split}:{i}") for i, row in enumerate(ds)]
 
 
 @functools.cache
@@ -190,7 +215,7 @@ def load_split(dataset: str, split: str, user_path: str = "") -> list[Record]:
     for root in candidate_roots(user_path):
         f = root / spec.files[split]
         if f.is_file():
-            return read_jsonl(f, spec.style)
+            return read_records(f, spec.style)
         tried.append(str(f))
     try:
         return _from_hub(spec, split)
@@ -227,7 +252,7 @@ def style_of(cfg_data) -> str:
 def load_train(cfg_data) -> list[Record]:
     """The training split the config names (data.train_file overrides the dataset's own)."""
     if cfg_data.train_file:
-        return read_jsonl(cfg_data.train_file, style_of(cfg_data))
+        return read_records(cfg_data.train_file, style_of(cfg_data))
     if cfg_data.dataset not in DATASETS:
         raise FedCoLLMError("data: this process needs the training split, but data.train_file is not set "
                             "(a client that holds its own data needs node-config train-file)")
@@ -237,5 +262,5 @@ def load_train(cfg_data) -> list[Record]:
 def load_eval(cfg_data) -> list[Record]:
     """The evaluation split the config names (data.eval_file overrides the dataset's own)."""
     if cfg_data.eval_file:
-        return read_jsonl(cfg_data.eval_file, style_of(cfg_data))
+        return read_records(cfg_data.eval_file, style_of(cfg_data))
     return load_split(cfg_data.dataset, cfg_data.eval_split, cfg_data.path)
