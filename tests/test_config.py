@@ -88,6 +88,8 @@ def test_cli_bad_config_exits_nonzero_with_one_line(capsys, tmp_path):
     (["eval", "--model", "tiny-random", "--max-length", "0"], "argument --max-length: '0': must be a whole number ≥ 1"),
     (["eval", "--model", "tiny-random", "--batch-size", "x"], "argument --batch-size: invalid whole number value: 'x'"),
     (["eval", "--model", "tiny-random", "--prune", "10"], "--prune '10': expected FIRST,LAST, e.g. 10,10"),
+    (["generate", "--prompt", "hi"], "fedcollm generate: give --model (it can be left out only with an --adapter "
+                                     "from a run's folder, whose config.toml names the base)"),
     (["eval", "--model", "tiny-random", "--device", "gpu"], "--device = 'gpu' is not one of auto, cpu, cuda, cuda:N, mps"),
     (["experiment", "--preset", "smoke", "--jobs", "0"], "argument --jobs: '0': must be a whole number ≥ 1"),
     (["experiment", "--preset", "smoke", "--seeds", "0,1,0"], "--seeds '0,1,0': 0 given twice"),

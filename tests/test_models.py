@@ -101,7 +101,7 @@ def _saved_slm_adapter(tmp_path, prune=(1, 1), with_config=True):
     model.save_pretrained(folder)
     if with_config:
         (tmp_path / "run" / "config.toml").write_text(
-            f'[model]\nslm = ""\nslm_keep_first = {prune[0]}\nslm_keep_last = {prune[1]}\n')
+            f'[model]\nllm = "tiny-random"\nslm = ""\nslm_keep_first = {prune[0]}\nslm_keep_last = {prune[1]}\n')
     return model, folder
 
 

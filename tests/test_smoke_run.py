@@ -74,12 +74,14 @@ def test_saved_adapters_load_with_peft(smoke_run):
         assert model(ids).logits.shape[-1] == base.config.vocab_size
 
 
-def test_eval_command_scores_the_saved_slm_like_the_run(smoke_run, mcq_files):
+@pytest.mark.parametrize("base", [["--model", "tiny-random", "--prune", "1,1"], []],
+                         ids=["given", "from the run's config.toml"])
+def test_eval_command_scores_the_saved_slm_like_the_run(smoke_run, mcq_files, base):
     out, _ = smoke_run
     _, evals = mcq_files
     proc = subprocess.run(
-        [sys.executable, "-m", "fedcollm.cli", "eval", "--model", "tiny-random", "--prune", "1,1",
-         "--adapter", str(out / "adapters" / "slm"), "--file", str(evals)],
+        [sys.executable, "-m", "fedcollm.cli", "eval", *base, "--adapter", str(out / "adapters" / "slm"),
+         "--file", str(evals)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -91,7 +93,8 @@ def test_eval_command_scores_the_saved_slm_like_the_run(smoke_run, mcq_files):
 
 def _export(smoke_run, dest, *extra: str) -> subprocess.CompletedProcess:
     out, _ = smoke_run
-    return subprocess.run([sys.executable, "-m", "fedcollm.cli", "export", "--model", "tiny-random", "--prune", "1,1",
+    # --model and --prune left out: the run's config.toml names the SLM's base (tiny-random, pruned 1,1)
+    return subprocess.run([sys.executable, "-m", "fedcollm.cli", "export",
                            "--adapter", str(out / "adapters" / "slm"), "--out", str(dest), *extra],
                           capture_output=True, text=True, timeout=300)
 

@@ -157,6 +157,21 @@ def _dev_search(args, datasets: list[str], seeds: list[int], out, command: str) 
     return 0
 
 
+def _base_of_run(args) -> None:
+    """--model, and --prune with it, default to the base the --adapter was trained on where the
+    adapter is a run's (its config.toml names them): `--adapter RUN/adapters/slm` alone is enough."""
+    from fedcollm.models.lora import run_base  # noqa: PLC0415
+
+    base = run_base(args.adapter) if args.adapter else None
+    if not args.model:
+        if base is None:
+            raise FedCoLLMError(f"fedcollm {args.command}: give --model (it can be left out only with an --adapter "
+                                "from a run's folder, whose config.toml names the base)")
+        args.model = base[0]
+    if base is not None and args.prune is None and args.model == base[0] and base[1]:
+        args.prune = f"{base[1][0]},{base[1][1]}"
+
+
 def _prune(args) -> tuple[int, int] | None:
     if not args.prune:
         return None
@@ -193,6 +208,7 @@ def cmd_eval(args) -> int:
     from fedcollm.models.loading import load_tokenizer, resolve_device, resolve_dtype  # noqa: PLC0415
     from fedcollm.train.memory import out_of_memory_advice, scoring_advice  # noqa: PLC0415
 
+    _base_of_run(args)
     device = resolve_device(args.device, "--device")
     # The items first: a file that cannot be scored (a mix of kinds) is said before a model loads.
     if args.file:
@@ -241,6 +257,7 @@ def cmd_generate(args) -> int:
     from fedcollm.models.generate import generate  # noqa: PLC0415
     from fedcollm.models.loading import load_tokenizer, resolve_device, resolve_dtype  # noqa: PLC0415
 
+    _base_of_run(args)
     device = resolve_device(args.device, "--device")
     tok = load_tokenizer(args.model)
     items = _prompts(args, tok)  # a bad file is said before a model loads
@@ -261,6 +278,7 @@ def cmd_export(args) -> int:
     from fedcollm.models.loading import load_tokenizer  # noqa: PLC0415
     from fedcollm.version import code_version  # noqa: PLC0415
 
+    _base_of_run(args)
     out = check_destination(Path(args.out))  # said before a model loads
     model = _model(args, torch.device("cpu"), torch.float32)  # merged in fp32, then cast
     record = export_merged(model, load_tokenizer(args.model), out, getattr(torch, args.dtype),
@@ -271,10 +289,12 @@ def cmd_export(args) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
-    p.add_argument("--model", required=True, help="smollm2-135m | tiny-random | HF id | folder | .gguf")
+    p.add_argument("--model", help="smollm2-135m | tiny-random | HF id | folder | .gguf (default: the base that "
+                   "--adapter's run names)")
     p.add_argument("--adapter", required=adapter_required,
                    help="a saved LoRA adapter folder (a run's OUT/adapters/slm or OUT/adapters/llm)")
-    p.add_argument("--prune", help="FIRST,LAST: keep these many first/last layers (the SLM base, e.g. 10,10)")
+    p.add_argument("--prune", help="FIRST,LAST: keep these many first/last layers (the SLM base, e.g. 10,10; "
+                   "default: as --adapter's run, where --model is its base)")
 
 
 def _listed(text: str, flag: str, parse=str, what: str = "names"):

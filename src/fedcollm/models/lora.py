@@ -107,16 +107,17 @@ def base_numel(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
 
 
-def _run_prune(folder: Path) -> tuple[int, int] | None | bool:
-    """The pruning of the base that the adapter saved at OUT/adapters/{slm,llm} was trained on,
-    read from OUT/config.toml: (first, last) for a pruned SLM, None for a whole model, False when
-    that file is not there (an adapter from elsewhere)."""
+def run_base(folder: Path) -> tuple[str, tuple[int, int] | None] | None:
+    """(the base model, its pruning: (first, last) for an SLM cut from the LLM, else None) that
+    the adapter saved at OUT/adapters/{slm,llm} was trained on, read from OUT/config.toml; None
+    when that file is not there (an adapter from elsewhere)."""
     try:
-        model = tomllib.loads((folder.parent.parent / "config.toml").read_text())["model"]
-        pruned = folder.name == "slm" and not model["slm"]
-        return (int(model["slm_keep_first"]), int(model["slm_keep_last"])) if pruned else None
+        model = tomllib.loads((Path(folder).resolve().parent.parent / "config.toml").read_text())["model"]
+        if Path(folder).name == "slm" and not model["slm"]:
+            return str(model["llm"]), (int(model["slm_keep_first"]), int(model["slm_keep_last"]))
+        return str(model["slm"] if Path(folder).name == "slm" else model["llm"]), None
     except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
-        return False
+        return None
 
 
 def _fmt(prune: tuple[int, int] | None) -> str:
@@ -133,8 +134,9 @@ def load_saved_adapter(model, path: str, prune: tuple[int, int] | None = None):
     if not (folder / "adapter_config.json").is_file() or not weights.is_file():
         raise FedCoLLMError(f"--adapter {path}: no adapter_config.json and adapter_model.safetensors there "
                             "(a run's OUT/adapters/slm or OUT/adapters/llm)")
-    trained_on = _run_prune(folder.resolve())
-    if trained_on is not False and trained_on != prune:
+    base = run_base(folder)
+    trained_on = base and base[1]
+    if base is not None and trained_on != prune:
         raise FedCoLLMError(f"--adapter {path} was trained on a base with {_fmt(trained_on)} (its run's "
                             f"config.toml), not {_fmt(prune)}")
     with safe_open(str(weights), "pt") as f:
