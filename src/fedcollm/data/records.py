@@ -7,7 +7,7 @@ Completion trains on `prompt + completion` as given, the loss on the completion'
 same training step, so clients, auxiliary data and KD take either kind (mixed too). As an
 evaluation set, completions are scored by that loss (eval/completion.py), not by accuracy.
 
-A record is one example per pair `training_pairs` gives: one for an MCQ item, one for each
+A record gives one example per pair `training_pairs` lists: one for an MCQ item, one for each
 learnt turn of a conversation (data/chat.py). A record stays whole when data is split, so no
 turn of one conversation lands in another part than its other turns.
 """
