@@ -126,17 +126,52 @@ def test_a_completion_evaluation_set_whose_prompts_training_saw_is_refused(smoke
                                      holdout_examples=48))
 
 
-def test_an_experiment_refuses_a_completion_evaluation_set_before_it_runs(smoke_overrides, tmp_path, capsys):
+def _experiment_argv(smoke_overrides, out: Path, evals: Path, train: Path, *extra: str) -> list[str]:
+    argv = ["experiment", "--preset", "smoke", "--out", str(out), *extra]
+    for o in [*smoke_overrides, f'data.eval_file="{evals}"', f'data.train_file="{train}"']:
+        argv += ["--set", o]
+    return argv
+
+
+def test_an_experiment_on_instruction_data_compares_the_methods_by_loss(smoke_overrides, tmp_path, capsys):
+    """Table 1 holds each method's loss, and each claim a paired bootstrap whose value is the
+    difference of the two losses in the table (a ratio of sums over the items, not a mean of
+    per-item losses)."""
+    from fedcollm.cli import main  # noqa: PLC0415
+    from fedcollm.experiment.significance import paired_bootstrap  # noqa: PLC0415
+
+    train = _instructions(tmp_path / "train.jsonl", 60, "What colour is the {}? Answer in a sentence.\n", 0)
+    evals = _instructions(tmp_path / "eval.jsonl", 9, "Tell me the colour of the {}.\n", 1)
+    out = tmp_path / "exp"
+    assert main(_experiment_argv(smoke_overrides, out, evals, train, "--seeds", "0",
+                                 "--methods", "zero_shot,standalone,fedcollm,centralized")) == 0
+    results = json.loads((out / "results.json").read_text())["results"]["mcq_jsonl"]
+    slm = {m: next(iter(results[m].values()))["slm"] for m in ("zero_shot", "standalone", "fedcollm")}
+    for scores in slm.values():
+        assert len(scores["item_nll"]) == 9
+        assert scores["loss"] == pytest.approx(sum(scores["item_nll"]) / sum(scores["item_tokens"]))
+    table = (out / "table1.md").read_text()
+    block = table.split("## SLM (client model), loss (nats per answer token, lower is better)")[1].split("##")[0]
+    assert f"| FedCoLLM | {slm['fedcollm']['loss']:.3f} |" in block
+    assert f"| Standalone (mean of clients) | {slm['standalone']['loss']:.3f} |" in block
+    iv = paired_bootstrap([slm["fedcollm"]["item_nll"]], [slm["standalone"]["item_nll"]],
+                          sizes=slm["fedcollm"]["item_tokens"])
+    assert iv.value == pytest.approx(slm["fedcollm"]["loss"] - slm["standalone"]["loss"])
+    row = next(line for line in table.splitlines() if "| SLM: FedCoLLM − Standalone" in line)
+    assert f"| loss | SLM: FedCoLLM − Standalone (mean of clients) | s0: {iv.value:+.3f} [" in row
+    assert "FedCoLLM / centralized" not in table and "## SLM (client model), acc" not in table
+    assert (out / "table1.png").is_file()
+
+
+def test_an_aux_size_study_refuses_a_completion_evaluation_set_before_it_runs(smoke_overrides, tmp_path, capsys):
     from fedcollm.cli import main  # noqa: PLC0415
 
     evals = _instructions(tmp_path / "eval.jsonl", 4, "Tell me the colour of the {}.\n", 1)
-    argv = ["experiment", "--preset", "smoke", "--out", str(tmp_path / "exp")]
-    for o in [*smoke_overrides, f'data.eval_file="{evals}"']:
-        argv += ["--set", o]
-    assert main(argv) == 2
+    train = _instructions(tmp_path / "train.jsonl", 60, "What colour is the {}?\n", 0)
+    assert main(_experiment_argv(smoke_overrides, tmp_path / "exp", evals, train, "--aux-fractions", "0.1,0.2")) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        "is prompt-completion data; its tables compare accuracies, so it needs a multiple-choice evaluation set "
-        "(fedcollm run scores prompt-completion data by its loss)")
+        "is prompt-completion data; --aux-fractions compares accuracies, so it needs a multiple-choice evaluation "
+        "set (Table 1, without it, compares the methods by loss)")
     assert not (tmp_path / "exp").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -263,6 +264,45 @@ def test_paired_bootstrap_intervals():
     with pytest.raises(ValueError, match="same items"):
         paired_bootstrap([[1.0, 0.0]], [[1.0]])
 
+
+
+def test_paired_bootstrap_of_a_loss_is_a_ratio_of_sums():
+    """Two items of 1 and 3 answer tokens, summed losses 2, 4 (a) and 1, 2 (b): the set's losses are
+    6/4 and 3/4, a difference of 0.75; a resample of item 1 twice gives (8 − 4)/6, of item 0 twice
+    (4 − 2)/2: the 2.5th and 97.5th percentiles."""
+    from fedcollm.experiment.significance import paired_bootstrap  # noqa: PLC0415
+
+    iv = paired_bootstrap([[2.0, 4.0]], [[1.0, 2.0]], sizes=[1, 3])
+    assert iv.value == pytest.approx(0.75) and iv.low == pytest.approx(2 / 3) and iv.high == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one per item"):
+        paired_bootstrap([[2.0, 4.0]], [[1.0, 2.0]], sizes=[1])
+
+
+def _lossed(nll: list[float], tokens: list[int]) -> dict:
+    loss = sum(nll) / sum(tokens)
+    return {"loss": loss, "ppl": math.exp(loss), "item_nll": nll, "item_tokens": tokens}
+
+
+def test_claims_on_losses_count_lower_as_better_and_leave_out_the_share_of_centralized():
+    rng = random.Random(0)
+    tokens = [rng.randint(3, 12) for _ in range(300)]
+    base = [t * rng.uniform(1.5, 2.5) for t in tokens]
+    lower = [x * 0.8 for x in base]  # 20% less loss on every item
+    results = {"d": {
+        "fedcollm": {s: {"slm": _lossed(lower, tokens), "llm": _lossed(base, tokens)} for s in ("0", "1")},
+        "standalone": {s: {"slm": _lossed(base, tokens), "llm": None} for s in ("0", "1")},
+        "centralized": {s: {"slm": None, "llm": _lossed(lower, tokens)} for s in ("0", "1")}}}
+    lines = claims(results, ["d"])
+    rows = {line.split(" | ")[2]: line for line in lines if line.startswith("| d |")}
+    assert set(rows) == {"SLM: FedCoLLM − Standalone (mean of clients)", "LLM: FedCoLLM − centralized"}
+    want = -0.2 * sum(base) / sum(tokens)
+    assert rows["SLM: FedCoLLM − Standalone (mean of clients)"].startswith(f"| d | loss | SLM: FedCoLLM − Standalone "
+                                                                          f"(mean of clients) | s0: {want:+.3f} [")
+    assert rows["SLM: FedCoLLM − Standalone (mean of clients)"].endswith("| holds: significantly better |")
+    assert rows["LLM: FedCoLLM − centralized"].endswith("| does not hold: significantly worse |")
+    assert (f"- d: SLM loss FedCoLLM − Standalone (mean of clients) = {want:.3f} ± 0.000 over seeds "
+            "(FedCoLLM better on 2/2 seeds).") in lines
+    assert not any("centralized =" in line for line in lines)
 
 # --- one table, one code version ---------------------------------------------------------------
 

@@ -90,10 +90,14 @@ def cmd_experiment(args) -> int:
     datasets = _listed(args.datasets, "--datasets") if args.datasets else [base.data.dataset]
     from fedcollm.config import load_config  # noqa: PLC0415
 
+    by_accuracy = next((flag for flag, given in (("--aux-fractions", args.aux_fractions), ("--traffic-grid",
+                        args.traffic_grid), ("--dev-grid", args.dev_grid)) if given), None)
     for d in datasets:  # each dataset's config, and its evaluation set's kind, checked before anything runs
         cfg = load_config(args.config, [*args.overrides, f"data.dataset={json.dumps(d)}"], args.preset)
         if not args.report_only:  # tabulating the cache needs no data
-            check_multiple_choice(scoring.kind_of(*components.eval_records(cfg)), cfg)
+            kind = scoring.kind_of(*components.eval_records(cfg))
+            if by_accuracy:
+                check_multiple_choice(kind, cfg, by_accuracy)
     out = Path(args.out or "runs/experiment")
     command = shlex.join(["fedcollm", *sys.argv[1:]])
     if args.aux_fractions:

@@ -23,22 +23,29 @@ from fedcollm.train.batches import on
 @torch.inference_mode()
 def completion_loss(model, examples: list[Encoded], *, batch_size: int, pad_id: int, device: torch.device,
                     progress: bool = False, desc: str = "eval") -> dict:
-    """loss (mean over completion tokens), ppl = exp(loss), n (sequences) and tokens; `batch_size`
+    """loss (mean over completion tokens), ppl = exp(loss), n (sequences), tokens, and per sequence
+    in `examples`' order its summed loss (`seq_nll`) and token count (`seq_tokens`); `batch_size`
     sequences per forward pass, longest first (little padding, and an out-of-memory shows at once)."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
     groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    seq_nll = torch.zeros(len(examples), dtype=torch.float64, device=device)
     bar = progress_bar(len(groups), desc, progress)
     for group in groups:
         batch = on(device, collate([examples[i] for i in group], pad_id))
         logits, target = answer_logits(model, batch)
-        total += F.cross_entropy(logits.float(), target, reduction="sum").double()
-        tokens += len(target)
+        per_token = F.cross_entropy(logits.float(), target, reduction="none").double()
+        # answer positions come example-major, n_target of them per example (encode.collate)
+        rows = torch.repeat_interleave(torch.arange(len(group), device=device),
+                                       torch.tensor([examples[i].n_target for i in group], device=device))
+        seq_nll.index_add_(0, torch.tensor(group, device=device)[rows], per_token)
         bar.update(1)
     bar.close()
-    loss = total.item() / max(tokens, 1)
+    seq_tokens = [e.n_target for e in examples]
+    nll = seq_nll.tolist()  # one host sync for the whole set
+    loss = sum(nll) / max(sum(seq_tokens), 1)
     if math.isnan(loss):  # a diverged model: a NaN would print as a score
         raise FedCoLLMError(f"evaluation: the model's completion loss is NaN over {len(examples)} items: its "
                             "weights diverged (a learning rate too high?)")
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "n": len(examples), "tokens": tokens}
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "n": len(examples), "tokens": sum(seq_tokens),
+            "seq_nll": nll, "seq_tokens": seq_tokens}

@@ -9,3 +9,14 @@ METRICS = {MCQ: ("acc", "acc_norm"), COMPLETION: ("loss", "ppl")}
 def metrics_of(scores: dict) -> tuple[str, ...]:
     """The figures a score dict holds (a row's `slm` or `llm`)."""
     return METRICS[COMPLETION] if "loss" in scores else METRICS[MCQ]
+
+# What a score keeps per item for the paired tests over the items (experiment/significance.py):
+# which items each accuracy got right; each item's summed loss over its completion tokens and
+# their count (the set's loss is the one summed over the other).
+ITEMS = {MCQ: ("correct", "correct_norm"), COMPLETION: ("item_nll", "item_tokens")}
+LOWER_IS_BETTER = frozenset(METRICS[COMPLETION])
+
+
+def items_of(scores: dict) -> tuple[str, ...]:
+    """The per-item keys a score dict of this kind keeps."""
+    return ITEMS[COMPLETION] if "loss" in scores else ITEMS[MCQ]

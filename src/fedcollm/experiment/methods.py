@@ -39,27 +39,27 @@ from fedcollm.models.lora import adapter_state
 from fedcollm.train.memory import out_of_memory_advice, scoring_advice
 from fedcollm.train.sft import sft
 
-Result = dict  # {"slm": {"acc", "acc_norm"} | None, "llm": ... | None, extra keys per method}
+Result = dict  # {"slm": {"acc", "acc_norm"} or {"loss", "ppl"} | None, "llm": ... | None, extra keys per method}
 
 
 def _scores(model, cfg: Config, which: str, desc: str) -> dict:
-    """acc, acc_norm, n and which evaluation items were right (`correct`, `correct_norm`) of the
-    SLM or LLM (`which`: its own tokenizer)."""
+    """The SLM's or LLM's (`which`: its own tokenizer) figures on the evaluation set (acc and
+    acc_norm, or loss and ppl), n, and what each item scored (scoring.score)."""
     data, device = components.server_data(cfg), components.device_of(cfg)
-    check_multiple_choice(data.eval_kind, cfg)
     with out_of_memory_advice(f"{desc}: scoring on {device}", scoring_advice(auto_batch_size(cfg.run.eval_batch_size, device))):
         return scoring.score(model, components.tokenizer(cfg, which), data.evals, data.eval_requests[which],
                              batch_size=cfg.run.eval_batch_size, device=device, progress=cfg.run.progress, desc=desc)
 
 
-def check_multiple_choice(kind: str, cfg: Config) -> None:
-    """An experiment's tables are accuracies with paired tests over the items: refuse an
-    evaluation set of prompt-completion records (a `fedcollm run` scores those by their loss)."""
+def check_multiple_choice(kind: str, cfg: Config, what: str) -> None:
+    """`what` (the aux-size study, the traffic sweep, the dev search) chooses and compares by
+    accuracy: refuse an evaluation set of prompt-completion records (Table 1 compares those by
+    their loss)."""
     if kind != scoring.MCQ:
-        raise FedCoLLMError(f"fedcollm experiment: the evaluation set of {cfg.data.dataset} "
-                            f"({cfg.data.eval_file or cfg.data.eval_split}) is {kind} data; its tables compare "
-                            "accuracies, so it needs a multiple-choice evaluation set (fedcollm run scores "
-                            "prompt-completion data by its loss)")
+        raise FedCoLLMError(f"fedcollm experiment {what}: the evaluation set of {cfg.data.dataset} "
+                            f"({cfg.data.eval_file or cfg.data.eval_split}) is {kind} data; {what} compares "
+                            "accuracies, so it needs a multiple-choice evaluation set (Table 1, without it, "
+                            "compares the methods by loss)")
 
 
 def adapter_digest(model) -> str:
@@ -111,9 +111,10 @@ def standalone(cfg: Config, workdir: Path | None) -> Result:
         if done is not None:
             checkpoint.write_json(done, client)
         clients.append(client)
-    mean = {m: sum(c[m] for c in clients) / len(clients) for m in ("acc", "acc_norm")}
-    # Per item: the share of clients that got it right (a mean, like the accuracies above).
-    for key in ("correct", "correct_norm"):
+    mean = {m: sum(c[m] for c in clients) / len(clients) for m in scoring.metrics_of(clients[0])}
+    # Per item: the mean over clients too (the share of clients that got it right; the summed
+    # loss, on the same tokens for every client).
+    for key in scoring.items_of(clients[0]):
         mean[key] = [sum(c[key][i] for c in clients) / len(clients) for i in range(len(clients[0][key]))]
         for c in clients:
             del c[key]

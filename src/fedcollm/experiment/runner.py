@@ -348,4 +348,7 @@ def run_aux_sizes(base: Config, dataset: str, fractions: list[float], seeds: lis
 
 
 def _acc(scores: dict | None) -> str:
-    return "–" if scores is None else f"acc {100 * scores['acc']:.1f}"
+    """The headline figure of a job's line: acc in %, or loss."""
+    if scores is None:
+        return "–"
+    return f"loss {scores['loss']:.3f}" if "loss" in scores else f"acc {100 * scores['acc']:.1f}"

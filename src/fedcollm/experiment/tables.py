@@ -1,9 +1,11 @@
-"""The experiment's outputs: table1.md (accuracy), table2.md (traffic), results.json, table1.png.
+"""The experiment's outputs: table1.md (accuracy, or loss), table2.md (traffic), results.json,
+table1.png.
 
 Means and standard deviations are over seeds (sample std, ddof = 1); a seed-independent method
 (zero-shot) has one value and no ±. The claims section compares methods from the numbers in the
-table, whatever they are, in each dataset's headline metric (data.loaders.headline_metric: acc, or
-acc_norm where right answers tend to be the longest choice).
+table, whatever they are, in each dataset's headline metric (`metric_of`: acc, or acc_norm where
+right answers tend to be the longest choice; loss, lower being better, on a dataset whose
+evaluation set is prompt-completion data).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import statistics
 from pathlib import Path
 
 from fedcollm.data.loaders import eval_split_note, headline_metric, item_key
+from fedcollm.eval.metrics import ITEMS, LOWER_IS_BETTER, METRICS, COMPLETION, MCQ
 from fedcollm.experiment.methods import LABELS, SEED_INDEPENDENT
 from fedcollm.experiment.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap
 
@@ -33,6 +36,22 @@ def fmt_mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> 
     return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def metric_of(per_method: dict, dataset: str) -> str:
+    """The metric a dataset's claims compare: loss where its results are losses (a
+    prompt-completion evaluation set), else its headline accuracy."""
+    scored = (r.get(m) or {} for seeds in per_method.values() for r in seeds.values() for m in ("slm", "llm"))
+    return "loss" if any("loss" in s for s in scored) else headline_metric(dataset)
+
+
+def _scale(metric: str) -> tuple[float, int]:
+    """(factor, decimals) a metric is shown with: accuracies in %, losses as they are."""
+    return (1.0, 3) if metric in LOWER_IS_BETTER else (100.0, 1)
+
+
+def fmt_metric(values: list[float], metric: str) -> str:
+    return fmt_mean_std(values, *_scale(metric))
+
+
 def seed_values(per_seed: dict, model: str, metric: str) -> list[float]:
     return [r[model][metric] for _, r in sorted(per_seed.items()) if r.get(model)]
 
@@ -41,7 +60,7 @@ def _cell(per_seed: dict, model: str, metric: str, n_seeds: int, method: str) ->
     """mean ± std, with the number of seeds where some are still missing."""
     values = seed_values(per_seed, model, metric)
     expected = 1 if method in SEED_INDEPENDENT else n_seeds
-    return fmt_mean_std(values) + (f" (n={len(values)})" if values and len(values) < expected else "")
+    return fmt_metric(values, metric) + (f" (n={len(values)})" if values and len(values) < expected else "")
 
 
 def _block(results: dict, datasets: list[str], methods: list[str], model: str, metric: str,
@@ -56,7 +75,7 @@ def _block(results: dict, datasets: list[str], methods: list[str], model: str, m
 
 def _paired(results: dict, dataset: str, a: str, b: str, model: str) -> list[tuple[float, float]]:
     """(a, b) headline-metric pairs for the seeds both methods have."""
-    ra, rb, metric = results[dataset].get(a, {}), results[dataset].get(b, {}), headline_metric(dataset)
+    ra, rb, metric = results[dataset].get(a, {}), results[dataset].get(b, {}), metric_of(results[dataset], dataset)
     return [(ra[s][model][metric], rb[s][model][metric]) for s in sorted(ra)
             if s in rb and ra[s].get(model) and rb[s].get(model)]
 
@@ -71,14 +90,24 @@ def _scored_pairs(ra: dict, rb: dict, model: str, key: str) -> tuple[list[str], 
 
 def _items(results: dict, dataset: str, a: str, b: str, model: str) -> tuple[list[str], list, list]:
     """Seeds where both methods kept per-item scores (headline metric), and those scores (seeds × items)."""
+    metric = metric_of(results[dataset], dataset)
     return _scored_pairs(results[dataset].get(a, {}), results[dataset].get(b, {}), model,
-                         item_key(headline_metric(dataset)))
+                         ITEMS[COMPLETION][0] if metric == "loss" else item_key(metric))
 
 
-def _ci(iv: Interval, statistic: str) -> str:
-    """+3.8 [+1.2, +6.3] (accuracy points) or 89.2% [85.0, 93.1]."""
+def _sizes(results: dict, dataset: str, a: str, model: str, seed: str) -> list[float] | None:
+    """The items' completion-token counts where the metric is a loss (its per-item scores are
+    summed losses: the loss of a resample is their sum over these), else None."""
+    if metric_of(results[dataset], dataset) != "loss":
+        return None
+    return results[dataset][a][seed][model][ITEMS[COMPLETION][1]]
+
+
+def _ci(iv: Interval, statistic: str, metric: str = "acc") -> str:
+    """+3.8 [+1.2, +6.3] (accuracy points), −0.052 [−0.081, −0.020] (loss) or 89.2% [85.0, 93.1]."""
     if statistic == "diff":
-        return f"{100 * iv.value:+.1f} [{100 * iv.low:+.1f}, {100 * iv.high:+.1f}]"
+        k, d = _scale(metric)
+        return f"{k * iv.value:+.{d}f} [{k * iv.low:+.{d}f}, {k * iv.high:+.{d}f}]"
     return f"{100 * iv.value:.1f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"
 
 
@@ -87,28 +116,31 @@ def _claim_row(results: dict, d: str, a: str, b: str, model: str, what: str, sta
     pairs = _paired(results, d, a, b, model)
     if not pairs:
         return None
+    metric = metric_of(results[d], d)
     seeds, xa, xb = _items(results, d, a, b, model)
     if not seeds:
-        return (f"| {d} | {headline_metric(d)} | {what} | – | – | no per-item scores kept "
+        return (f"| {d} | {metric} | {what} | – | – | no per-item scores kept "
                 "(results older than the paired test) |")
-    per_seed = "; ".join(f"s{s}: {_ci(paired_bootstrap([x], [y], statistic), statistic)}"
+    sizes = _sizes(results, d, a, model, seeds[0])
+    per_seed = "; ".join(f"s{s}: {_ci(paired_bootstrap([x], [y], statistic, sizes=sizes), statistic, metric)}"
                          for s, x, y in zip(seeds, xa, xb))
-    pooled = paired_bootstrap(xa, xb, statistic)
+    pooled = paired_bootstrap(xa, xb, statistic, sizes=sizes)
     # A result continued after its last round by older code kept its accuracy but not its items
     # (session 15): the test then pools fewer seeds than the table's means, and says so.
     short = f"; {len(pairs) - len(seeds)} more without per-item scores" if len(pairs) > len(seeds) else ""
-    return (f"| {d} | {headline_metric(d)} | {what} | {per_seed} | {_ci(pooled, statistic)} ({len(seeds)} seeds{short}) "
-            f"| {verdict(pooled)} |")
+    return (f"| {d} | {metric} | {what} | {per_seed} | {_ci(pooled, statistic, metric)} ({len(seeds)} seeds{short}) "
+            f"| {verdict(pooled, metric)} |")
 
 
-def _diff_verdict(iv: Interval) -> str:
+def _diff_verdict(iv: Interval, metric: str) -> str:
     if not iv.significant:
         return "not significant (the interval covers 0)"
-    return "holds: significantly better" if iv.value > 0 else "does not hold: significantly worse"
+    better = iv.value < 0 if metric in LOWER_IS_BETTER else iv.value > 0
+    return "holds: significantly better" if better else "does not hold: significantly worse"
 
 
 def _ratio_verdict(target: float):
-    def verdict(iv: Interval) -> str:
+    def verdict(iv: Interval, metric: str) -> str:
         if iv.low >= target:
             return f"holds: ≥ {100 * target:.0f}% at 95%"
         if iv.high < target:
@@ -131,6 +163,8 @@ def claims(results: dict, datasets: list[str]) -> list[str]:
                          _diff_verdict)
         if row:
             lines.append(row)
+        if metric_of(results[d], d) in LOWER_IS_BETTER:  # a share of centralized is a share of accuracy
+            continue
         row = _claim_row(results, d, "fedcollm", "centralized", "llm",
                          f"LLM: FedCoLLM / centralized (paper: {PAPER['llm_vs_centralized']})", "ratio",
                          _ratio_verdict(0.97))
@@ -138,15 +172,17 @@ def claims(results: dict, datasets: list[str]) -> list[str]:
             lines.append(row)
     lines.append("")
     for d in datasets:  # the seed counts, for a reader who wants them
+        metric = metric_of(results[d], d)
+        sign = -1 if metric in LOWER_IS_BETTER else 1
         for other in ("standalone", "fedavg"):
             pairs = _paired(results, d, "fedcollm", other, "slm")
             if pairs:
                 diffs = [a - b for a, b in pairs]
-                lines.append(f"- {d}: SLM {headline_metric(d)} FedCoLLM − {LABELS[other]} = {fmt_mean_std(diffs)} "
-                             "points over seeds "
-                             f"(FedCoLLM better on {sum(x > 0 for x in diffs)}/{len(diffs)} seeds).")
+                lines.append(f"- {d}: SLM {metric} FedCoLLM − {LABELS[other]} = {fmt_metric(diffs, metric)} "
+                             f"{'' if sign < 0 else 'points '}over seeds "
+                             f"(FedCoLLM better on {sum(sign * x > 0 for x in diffs)}/{len(diffs)} seeds).")
         pairs = _paired(results, d, "fedcollm", "centralized", "llm")
-        if pairs:
+        if pairs and sign > 0:
             lines.append(f"- {d}: LLM {headline_metric(d)} FedCoLLM / centralized = "
                          f"{fmt_mean_std([a / b for a, b in pairs])}% over seeds "
                          f"(paper: {PAPER['llm_vs_centralized']}).")
@@ -228,18 +264,38 @@ def train_words(max_train_examples: int) -> str:
 def items_scored(dataset: str, per_method: dict) -> str:
     """How many items a dataset's results were scored on ('2,376'), read off their per-item scores,
     which every result since the paired test keeps; '–' where none has them."""
-    counts = {len(r[model]["correct"]) for seeds in per_method.values() for r in seeds.values()
-              for model in ("slm", "llm") if (r.get(model) or {}).get("correct")}
+    keys = (ITEMS[MCQ][0], ITEMS[COMPLETION][0])
+    counts = {len(r[model][key]) for seeds in per_method.values() for r in seeds.values()
+              for model in ("slm", "llm") for key in keys if (r.get(model) or {}).get(key)}
     if len(counts) > 1:  # a table's methods are scored on one split: refuse rather than print one n
         raise ValueError(f"{dataset}: results scored on different numbers of items: {sorted(counts)}")
     return f"{counts.pop():,}" if counts else "–"
 
 
+UNITS = {"acc": "%", "acc_norm": "%", "loss": "nats per answer token, lower is better",
+         "ppl": "perplexity, lower is better"}
+
+
+def _blocks(results: dict, meta: dict) -> list[str]:
+    """An SLM and an LLM block per figure the datasets hold: acc and acc_norm, and/or loss and ppl."""
+    datasets = meta["datasets"]
+    kinds = [COMPLETION if metric_of(results[d], d) == "loss" else MCQ for d in datasets]
+    lines = []
+    for metric in (m for kind in dict.fromkeys(kinds) for m in METRICS[kind]):
+        shown = [d for d, kind in zip(datasets, kinds) if metric in METRICS[kind]]
+        for model, who in (("slm", "SLM (client model)"), ("llm", "LLM (server model)")):
+            lines += [f"## {who}, {metric} ({UNITS[metric]})", "",
+                      *_block(results, shown, meta["methods"], model, metric, len(meta["seeds"])), ""]
+    return lines
+
+
 def table1(results: dict, meta: dict) -> str:
-    datasets, methods = meta["datasets"], meta["methods"]
-    cfg, n_seeds = meta["config"], len(meta["seeds"])
+    datasets = meta["datasets"]
+    cfg = meta["config"]
+    losses = any(metric_of(results[d], d) == "loss" for d in datasets)
     lines = [
-        "# Table 1: accuracy of the client SLM and the server LLM (%)", "",
+        "# Table 1: " + ("the client SLM and the server LLM" if losses else
+                         "accuracy of the client SLM and the server LLM (%)"), "",
         f"Command: `{meta['command']}`  ",
         code_line(meta),
         f"Seeds: {', '.join(map(str, meta['seeds']))} (mean ± sample std over seeds; each seed has its own "
@@ -249,22 +305,26 @@ def table1(results: dict, meta: dict) -> str:
         f"LoRA r={cfg['lora']['r']}, α={cfg['lora']['alpha']} on {', '.join(cfg['lora']['target_modules'])}  ",
         f"Data: {cfg['data']['num_clients']} clients; training split cut into {cfg['data']['num_clients'] + 1} "
         f"equal parts ({cfg['data']['partition']}) of {train_words(cfg['data']['max_train_examples'])}; "
-        f"evaluated on {cfg['data']['eval_examples'] or 'all'} items of the "
-        f"{split_words(cfg['data']['eval_split'], datasets)}; {cfg['federation']['rounds']} rounds × "
+        + (f"evaluated on items of `{cfg['data']['eval_file']}` (n below)" if cfg["data"].get("eval_file") else
+           f"evaluated on {cfg['data']['eval_examples'] or 'all'} items of the "
+           f"{split_words(cfg['data']['eval_split'], datasets)}")
+        + f"; {cfg['federation']['rounds']} rounds × "
         f"{cfg['client']['local_epochs']} local epoch(s); KD λ={cfg['distill']['kd_lambda']}, "
         f"τ={cfg['distill']['temperature']}  ",
         "Items scored (n, the same for every method and seed): "
         + "; ".join(f"{d} {items_scored(d, results[d])}" for d in datasets), "",
-        "## SLM (client model), acc", "", *_block(results, datasets, methods, "slm", "acc", n_seeds), "",
-        "## LLM (server model), acc", "", *_block(results, datasets, methods, "llm", "acc", n_seeds), "",
-        "## SLM, acc_norm", "", *_block(results, datasets, methods, "slm", "acc_norm", n_seeds), "",
-        "## LLM, acc_norm", "", *_block(results, datasets, methods, "llm", "acc_norm", n_seeds), "",
+        *_blocks(results, meta),
         "## The paper's claims, checked on these numbers", "",
-        "In each dataset's headline metric (" + ", ".join(f"{d}: {headline_metric(d)}" for d in datasets)
-        + "; acc_norm where right answers tend to be the longest choice, see data/loaders.py). "
+        "In each dataset's headline metric (" + ", ".join(f"{d}: {metric_of(results[d], d)}" for d in datasets)
+        + ("; acc_norm where right answers tend to be the longest choice, see data/loaders.py"
+           if not all(metric_of(results[d], d) == "loss" for d in datasets) else "")
+        + ("; loss on prompt-completion data, where lower is better and the LLM's share of centralized "
+           "accuracy is not defined" if losses else "") + "). "
         "Paired bootstrap over the test items (both methods scored on the same items; "
-        f"{BOOTSTRAP_SAMPLES} resamples; differences in accuracy points, ratios in %); a claim holds when "
-        "its 95% interval lies on the claimed side.", "", *claims(results, datasets), "",
+        f"{BOOTSTRAP_SAMPLES} resamples; differences in accuracy points"
+        + (" or in loss, resampled as the loss summed over the items' answer tokens" if losses else "")
+        + ", ratios in %); a claim holds when its 95% interval lies on the claimed side.", "",
+        *claims(results, datasets), "",
         "## Compute time (sum over the method/seed results in this table)", "",
         *compute_time(results, datasets), "",
     ]
@@ -282,17 +342,18 @@ def plot(results: dict, meta: dict, path: Path) -> None:
     for row, d in zip(axes, datasets):
         for ax, model in zip(row, ("slm", "llm")):
             names, means, stds = [], [], []
+            metric = metric_of(results[d], d)
             for m in methods:
-                vals = seed_values(results[d].get(m, {}), model, headline_metric(d))
+                vals = seed_values(results[d].get(m, {}), model, metric)
                 if vals:
-                    mu, sd = mean_std([100 * v for v in vals])
+                    mu, sd = mean_std([_scale(metric)[0] * v for v in vals])
                     names.append(LABELS.get(m, m).replace(" (", "\n("))
                     means.append(mu)
                     stds.append(sd or 0.0)
             ax.barh(range(len(names)), means, xerr=stds, color="tab:blue" if model == "slm" else "tab:orange")
             ax.set_yticks(range(len(names)), names, fontsize=7)
             ax.invert_yaxis()
-            ax.set_xlabel(f"{headline_metric(d)} (%)")
+            ax.set_xlabel(f"{metric} ({UNITS[metric]})")
             ax.set_title(f"{d}: {model.upper()}")
             ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

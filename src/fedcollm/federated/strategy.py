@@ -335,7 +335,8 @@ class FedCoLLMStrategy(Strategy):
         """Accuracy (or, on prompt-completion data, loss and perplexity) of the global SLM and (if
         the server has one) the LLM; `llm` is None without.
 
-        Which items each model got right is kept (`last_items`) for the summary, not the row."""
+        What each item scored (which items each model got right, or each item's loss) is kept
+        (`last_items`) for the summary, not the row."""
         t0 = time.time()
         kw = dict(batch_size=self.cfg.run.eval_batch_size, device=self.device, progress=self.cfg.run.progress)
         models = {"slm": self.slm, **({"llm": self.llm} if self.llm is not None else {})}
@@ -348,7 +349,7 @@ class FedCoLLMStrategy(Strategy):
                       for name, model in models.items()}
         load_adapter_ndarrays(self.slm, own)
         self.last_items = {"round": rnd, "ids": [r.id for r in self.data.evals],
-                           **{m: {k: s[k] for k in ("correct", "correct_norm") if k in s} for m, s in scores.items()}}
+                           **{m: {k: s[k] for k in scoring.items_of(s)} for m, s in scores.items()}}
         row = {m: {k: s[k] for k in (*scoring.metrics_of(s), "n")} for m, s in scores.items()}
         return {"slm": row["slm"], "llm": row.get("llm"), "eval_s": time.time() - t0}
 
