@@ -296,9 +296,9 @@ def test_claims_on_losses_count_lower_as_better_and_leave_out_the_share_of_centr
     rows = {line.split(" | ")[2]: line for line in lines if line.startswith("| d |")}
     assert set(rows) == {"SLM: FedCoLLM − Standalone (mean of clients)", "LLM: FedCoLLM − centralized"}
     want = -0.2 * sum(base) / sum(tokens)
-    assert rows["SLM: FedCoLLM − Standalone (mean of clients)"].startswith(f"| d | loss | SLM: FedCoLLM − Standalone "
-                                                                          f"(mean of clients) | s0: {want:+.3f} [")
-    assert rows["SLM: FedCoLLM − Standalone (mean of clients)"].endswith("| holds: significantly better |")
+    slm = rows["SLM: FedCoLLM − Standalone (mean of clients)"]
+    assert slm.startswith(f"| d | loss | SLM: FedCoLLM − Standalone (mean of clients) | s0: {want:+.3f} [")
+    assert slm.endswith("| holds: significantly better |")
     assert rows["LLM: FedCoLLM − centralized"].endswith("| does not hold: significantly worse |")
     assert (f"- d: SLM loss FedCoLLM − Standalone (mean of clients) = {want:.3f} ± 0.000 over seeds "
             "(FedCoLLM better on 2/2 seeds).") in lines

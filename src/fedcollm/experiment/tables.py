@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from fedcollm.data.loaders import eval_split_note, headline_metric, item_key
-from fedcollm.eval.metrics import ITEMS, LOWER_IS_BETTER, METRICS, COMPLETION, MCQ
+from fedcollm.eval.metrics import COMPLETION, ITEMS, LOWER_IS_BETTER, MCQ, METRICS
 from fedcollm.experiment.methods import LABELS, SEED_INDEPENDENT
 from fedcollm.experiment.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap
 
