@@ -1,6 +1,7 @@
 """`models/export.py`: an adapter merged into its base and saved as a folder that transformers
-loads alone, computing what the adapted model computes; a merge that changes the model is refused
-and leaves nothing. (The command on a run's own SLM adapter: test_smoke_run.py.)"""
+loads alone, computing what the adapted model computes, the model given left as it was; a merge
+that changes the model is refused and leaves nothing. (The command on a run's own SLM adapter:
+test_smoke_run.py.)"""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def test_the_saved_folder_computes_the_adapted_model(adapted_slm, tmp_path, dtyp
     with model.disable_adapter():
         base = _logits(model)
     record = export_merged(model, tok, tmp_path / "merged", dtype, {"adapter": "drawn"})
+    # merged into a copy: the adapted model, and the base weights it shares with the process's
+    # other models (components), are as they were
+    assert torch.equal(_logits(model), want)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")  # v4 would load fp32
     assert loaded.dtype == dtype and loaded.config.num_hidden_layers == record["layers"]
     got = _logits(loaded)

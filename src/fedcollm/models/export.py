@@ -10,6 +10,7 @@ back, the merged model's, or nothing is left at the destination.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -42,13 +43,15 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def export_merged(adapted, tokenizer, out: Path, dtype: torch.dtype, provenance: dict) -> dict:
-    """Merge the PeftModel `adapted` (on the CPU, in fp32) into its base, cast to `dtype`, save it
-    with `tokenizer` at `out` (which must not hold anything yet), load it back, and check both
-    steps' logits on PROBE. Returns what `out/fedcollm-export.json` records."""
+    """Merge (a copy of) the PeftModel `adapted` (on the CPU, in fp32) into its base, cast to
+    `dtype`, save it with `tokenizer` at `out` (which must not hold anything yet), load it back,
+    and check both steps' logits on PROBE. Returns what `out/fedcollm-export.json` records."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     out = check_destination(Path(out))
-    adapted.eval()  # no dropout: the logits compared are the function saved
+    # Merging writes the adapter into the base's weights, which the caller's other models may share
+    # (components keeps one copy of them per process): merge a copy, and leave `adapted` as it was.
+    adapted = copy.deepcopy(adapted).eval()  # eval: no dropout, the logits compared are the function saved
     ids = torch.tensor([bos_prefix(tokenizer) + tokenizer(PROBE, add_special_tokens=False)["input_ids"]])
     want = _logits(adapted, ids)
     merged = adapted.merge_and_unload()
