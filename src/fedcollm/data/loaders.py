@@ -239,11 +239,6 @@ def eval_split_note(dataset: str, split: str) -> str:
     return ""
 
 
-def item_key(metric: str) -> str:
-    """Where a score keeps its per-item correctness for `metric` (eval.mcq.accuracy)."""
-    return {"acc": "correct", "acc_norm": "correct_norm"}[metric]
-
-
 def style_of(cfg_data) -> str:
     """The prompt template of the config's dataset (also for the files that stand in for it)."""
     return DATASETS[cfg_data.dataset].style if cfg_data.dataset in DATASETS else "arc"

@@ -20,3 +20,9 @@ LOWER_IS_BETTER = frozenset(METRICS[COMPLETION])
 def items_of(scores: dict) -> tuple[str, ...]:
     """The per-item keys a score dict of this kind keeps."""
     return ITEMS[COMPLETION] if "loss" in scores else ITEMS[MCQ]
+
+
+def item_key(metric: str) -> str:
+    """Where a score keeps its per-item scores for `metric` (the paired tests): which items acc or
+    acc_norm got right, or each item's summed loss."""
+    return {"acc": ITEMS[MCQ][0], "acc_norm": ITEMS[MCQ][1], "loss": ITEMS[COMPLETION][0]}[metric]

@@ -14,8 +14,8 @@ import json
 import statistics
 from pathlib import Path
 
-from fedcollm.data.loaders import eval_split_note, headline_metric, item_key
-from fedcollm.eval.metrics import COMPLETION, ITEMS, LOWER_IS_BETTER, MCQ, METRICS
+from fedcollm.data.loaders import eval_split_note, headline_metric
+from fedcollm.eval.metrics import COMPLETION, ITEMS, LOWER_IS_BETTER, MCQ, METRICS, item_key
 from fedcollm.experiment.methods import LABELS, SEED_INDEPENDENT
 from fedcollm.experiment.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap
 
@@ -90,9 +90,8 @@ def _scored_pairs(ra: dict, rb: dict, model: str, key: str) -> tuple[list[str], 
 
 def _items(results: dict, dataset: str, a: str, b: str, model: str) -> tuple[list[str], list, list]:
     """Seeds where both methods kept per-item scores (headline metric), and those scores (seeds × items)."""
-    metric = metric_of(results[dataset], dataset)
     return _scored_pairs(results[dataset].get(a, {}), results[dataset].get(b, {}), model,
-                         ITEMS[COMPLETION][0] if metric == "loss" else item_key(metric))
+                         item_key(metric_of(results[dataset], dataset)))
 
 
 def _sizes(results: dict, dataset: str, a: str, model: str, seed: str) -> list[float] | None:
