@@ -135,7 +135,7 @@ def load_saved_adapter(model, path: str, prune: tuple[int, int] | None = None):
         raise FedCoLLMError(f"--adapter {path}: no adapter_config.json and adapter_model.safetensors there "
                             "(a run's OUT/adapters/slm or OUT/adapters/llm)")
     base = run_base(folder)
-    trained_on = base and base[1]
+    trained_on = base[1] if base else None
     if base is not None and trained_on != prune:
         raise FedCoLLMError(f"--adapter {path} was trained on a base with {_fmt(trained_on)} (its run's "
                             f"config.toml), not {_fmt(prune)}")
