@@ -258,16 +258,17 @@ def _prompts(args, tok) -> list[dict]:
 
 
 def cmd_generate(args) -> int:
-    from fedcollm.models.generate import generate  # noqa: PLC0415
+    from fedcollm.models.generate import Decoding, generate  # noqa: PLC0415
     from fedcollm.models.loading import load_tokenizer, resolve_device, resolve_dtype  # noqa: PLC0415
 
+    decoding = Decoding(args.temperature, args.top_k, args.top_p, args.seed)  # bad values said before any load
     _base_of_run(args)
     device = resolve_device(args.device, "--device")
     tok = load_tokenizer(args.model)
     items = _prompts(args, tok)  # a bad file is said before a model loads
     model = _model(args, device, resolve_dtype("auto", device))
     texts = generate(model, tok, [it["prompt"] for it in items], max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size, device=device, progress=True)
+                     batch_size=args.batch_size, device=device, decoding=decoding, progress=True)
     for it, text in zip(items, texts):
         print(json.dumps({**it, "generation": text}, ensure_ascii=False))
     return 0
@@ -384,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--device", default="auto")
     p_eval.set_defaults(func=cmd_eval)
 
-    p_gen = sub.add_parser("generate", help="what one model (+ adapter) writes after prompts (greedy), as JSON lines")
+    p_gen = sub.add_parser("generate", help="what one model (+ adapter) writes after prompts (greedy, or sampled "
+                           "with --temperature), as JSON lines")
     _add_model_args(p_gen)
     p_gen.add_argument("--prompt", action="append", default=[], help="a prompt, as given (repeat for more)")
     p_gen.add_argument("--chat", action="store_true", help="with --prompt: each a user message through the chat "
@@ -393,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
                        "each record's prompt, its answer as `reference`")
     p_gen.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     p_gen.add_argument("--batch-size", type=_at_least(1), default=8, help="prompts per batch")
+    p_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the same text every call); > 0: "
+                       "sample at this temperature")
+    p_gen.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
+    p_gen.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens whose "
+                       "probabilities reach P together (1: all)")
+    p_gen.add_argument("--seed", type=int, default=0, help="the draws' seed: the same command and seed give the "
+                       "same samples")
     p_gen.add_argument("--device", default="auto")
     p_gen.set_defaults(func=cmd_generate)
 
