@@ -1,11 +1,12 @@
-"""Conversational instruction data (TRL's forms): read, rendered by the SLM's chat template into
+"""Conversational instruction data (TRL's forms): read, rendered by each model's chat template into
 the prompt-completion pair the template spells, BOS not doubled, and refused in one line where it
-cannot be rendered."""
+cannot be rendered; with two tokenizers, KD pairs tokens only within the text both renderings share."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,11 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from fedcollm import components
+from fedcollm.config import load_config
 from fedcollm.data.chat import Conversation, conversation, render
 from fedcollm.data.encode import encode_pairs
+from fedcollm.train.align import align, one_to_one, within_shared_text
+from fedcollm.train.distill import aligned_kd_step
 from fedcollm.data.loaders import read_records
 from fedcollm.data.records import Completion, shared_items, training_pairs
 from fedcollm.errors import FedCoLLMError
@@ -208,3 +212,97 @@ def test_a_chat_template_that_refuses_a_conversation_is_refused_in_one_line(chat
     with pytest.raises(FedCoLLMError, match=r"^c0: tiny's chat template refused the conversation up to message 2: "
                                             r"System role not supported$"):
         render(read_records(path), lambda: tok, "tiny")
+
+
+# Gemma's turn marks: another template than the SLM's ChatML
+TURNS = ("{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+         "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def _turns_by_hand(messages: list[tuple[str, str]]) -> tuple[str, str]:
+    """The (prompt, completion) that TURNS renders, written out by hand."""
+    role = {"assistant": "model"}
+    prompt = "".join(f"<start_of_turn>{role.get(r, r)}\n{c}<end_of_turn>\n" for r, c in messages[:-1])
+    return prompt + "<start_of_turn>model\n", f"{messages[-1][1]}<end_of_turn>\n"
+
+
+@pytest.fixture
+def two_templates(smoke_overrides, monkeypatch):
+    """The LLM on one tiny tokenizer with TURNS, the SLM its own tiny model on another with CHATML."""
+    cache = smoke_overrides[3].split('"')[1] + "-cache"
+    cfg = load_config(preset="smoke", overrides=[*smoke_overrides, 'model.slm="tiny-random-sp"',
+                                                 f'model.cache_dir="{cache}"'])
+    assert not components.shares_tokenizer(cfg)
+    monkeypatch.setattr(components.tokenizer(cfg), "chat_template", TURNS, raising=False)
+    monkeypatch.setattr(components.tokenizer(cfg, "slm"), "chat_template", CHATML, raising=False)
+    return cfg
+
+
+def test_each_model_learns_and_is_scored_on_conversations_in_its_own_template(two_templates, tmp_path):
+    """The clients' SLM examples are ChatML's pairs, the LLM's (centralized baseline, auxiliary set,
+    evaluation) those of its own template, to the token; the records and their split are one."""
+    path, chats = _conversations(tmp_path / "chats.jsonl", 30)
+    eval_chats = [[("user", f"How many legs has a {x}?"), ("assistant", f"A {x} has {k}.")]
+                  for x, k in (("cat", 4), ("bird", 2), ("snake", 0))]
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"id": f"e{i}", "messages": [{"role": r, "content": c} for r, c in chat]})
+                             + "\n" for i, chat in enumerate(eval_chats)))
+    cfg = dataclasses.replace(two_templates, data=dataclasses.replace(two_templates.data, train_file=str(path),
+                                                                      eval_file=str(evals)))
+    by_id = {f"c{i}": c for i, c in enumerate(chats)}
+    train, split = components.train_split(cfg)
+    assert [r.id for r in components.train_split(cfg, "llm")[0]] == [r.id for r in train]
+    assert components.train_split(cfg, "llm")[1] == split
+    llm_tok, slm_tok, n = components.tokenizer(cfg), components.tokenizer(cfg, "slm"), cfg.data.max_length
+    for k, part in enumerate(split.clients):
+        chats_k = [by_id[train[i].id] for i in part]
+        assert components.client_examples(cfg, k) == encode_pairs(slm_tok, [_chatml(c) for c in chats_k], n)
+        assert components.client_examples(cfg, k, "llm") == encode_pairs(llm_tok, [_turns_by_hand(c) for c in chats_k],
+                                                                        n)
+    data = components.server_data(cfg)
+    aux_chats = [by_id[train[i].id] for i in split.aux]
+    assert [e.ids for e in data.aux.llm] == [e.ids for e in encode_pairs(llm_tok, [_turns_by_hand(c) for c in aux_chats], n)]
+    assert [e.ids for e in data.aux.slm] == [e.ids for e in encode_pairs(slm_tok, [_chatml(c) for c in aux_chats], n)]
+    assert data.eval_requests["llm"] == encode_pairs(llm_tok, [_turns_by_hand(c) for c in eval_chats], n)
+    assert data.eval_requests["slm"] == encode_pairs(slm_tok, [_chatml(c) for c in eval_chats], n)
+    assert [(r.prompt, r.completion) for r in data.evals] == [_chatml(c) for c in eval_chats]
+
+
+def test_kd_pairs_the_two_models_tokens_only_within_the_answer_both_templates_render(two_templates, tmp_path):
+    path, chats = _conversations(tmp_path / "chats.jsonl", 30)
+    cfg = dataclasses.replace(two_templates, data=dataclasses.replace(two_templates.data, train_file=str(path)))
+    train, split = components.train_split(cfg)
+    aux = components.server_data(cfg).aux
+    answers = [dict(enumerate(c))[2][1] for c in (dict((f"c{i}", c) for i, c in enumerate(chats))[train[i].id]
+                                                  for i in split.aux)]
+    for f, g, answer in zip(aux.llm, aux.slm, answers):
+        # both spans end at one character, past the answer but not past the text both renderings
+        # share ("<" of "<|im_end|>" and "<end_of_turn>"); each template's own marks after it are
+        # still targets
+        same = len(os.path.commonprefix([answer + "<|im_end|>\n", answer + "<end_of_turn>\n"]))
+        assert len(answer) <= f.spans[-1][1] == g.spans[-1][1] <= same
+        assert len(f.spans) < f.n_target and len(g.spans) < g.n_target
+        assert one_to_one(align(list(f.spans), list(g.spans)))
+    loss, parts = aligned_kd_step(components.build_llm(cfg), components.build_slm(cfg), aux, [0, 1, 2], cfg.distill,
+                                  torch.device("cpu"), components.vocab_maps(cfg))
+    assert torch.isfinite(loss) and parts
+
+
+def test_spans_are_cut_at_the_last_boundary_both_share_within_the_same_text():
+    a_text, b_text = "Hi there<|im_end|>\n", "Hi there<end_of_turn>\n"
+    a, b = [(0, 2), (2, 8), (8, 18), (18, 19)], [(0, 1), (1, 2), (2, 8), (8, 21), (21, 22)]
+    assert within_shared_text(a, a_text, b, b_text) == (a[:2], b[:3])  # "Hi there", and "<" is no boundary
+    # a token across the place the texts part, on one side: no common boundary after 0, nothing paired
+    assert within_shared_text([(0, 3), (3, 5)], "abcdX", [(0, 2), (2, 4), (4, 5)], "abcdY") == ([], [])
+    assert within_shared_text(a, a_text, a, a_text) == (a, a)
+
+
+def test_a_model_whose_tokenizer_has_no_template_reads_the_others(two_templates, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(components.tokenizer(two_templates), "chat_template", None, raising=False)
+    path, chats = _conversations(tmp_path / "chats.jsonl", 30)
+    cfg = dataclasses.replace(two_templates, data=dataclasses.replace(two_templates.data, train_file=str(path)))
+    train, _ = components.train_split(cfg, "llm")
+    assert [(r.prompt, r.completion) for r in train] == [_chatml(c) for c in (dict((f"c{i}", c) for i, c in
+                                                                                    enumerate(chats))[r.id] for r in train)]
+    assert "the tokenizer of tiny-random has no chat template: its conversations are rendered by tiny-random-sp's" \
+        in capsys.readouterr().out

@@ -5,8 +5,8 @@ gives the same split, the same token ids and the same initial adapters everywher
 the server keep these between rounds (no reload, no re-tokenization per round).
 
 Tokenizers: the LLM's, and the SLM's own when it comes from another source with another
-vocabulary (then every piece of data is tokenized for the model that reads it, and the server's
-KD aligns the two: train/align.py).
+vocabulary (then every piece of data is tokenized, and every conversation rendered by the chat
+template, of the model that reads it, and the server's KD aligns the two: train/align.py).
 
 Who holds which data:
 - the server (`server_data`): the auxiliary part and the evaluation split. With data.aux_file
@@ -23,6 +23,7 @@ only the kept layers to the device.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import random
@@ -32,7 +33,7 @@ import torch
 
 from fedcollm.config import Config
 from fedcollm.data import chat
-from fedcollm.data.encode import Encoded, encode_for_training, encode_pairs, pad_id_of
+from fedcollm.data.encode import Encoded, as_encoded, encode_for_training, encode_pairs, pad_id_of
 from fedcollm.data.loaders import load_eval, load_train, read_records, style_of
 from fedcollm.data.partition import Split, split_indices
 from fedcollm.data.records import (Record, all_pairs, check_held_out, context, continuations, only_multiple_choice,
@@ -44,7 +45,7 @@ from fedcollm.models.compat import checkpoint_activations
 from fedcollm.models.loading import (
     cache_root, load_base_model, load_tokenizer, prune_layers, resolve_device, resolve_dtype)
 from fedcollm.models.lora import attach_lora
-from fedcollm.train.align import VocabMap
+from fedcollm.train.align import VocabMap, within_shared_text
 from fedcollm.train.distill import AuxSet
 
 EVAL_SUBSET_SEED = 1234  # the same evaluation items for every run seed, so seeds are comparable
@@ -53,7 +54,9 @@ EVAL_SUBSET_SEED = 1234  # the same evaluation items for every run seed, so seed
 @dataclass(frozen=True)
 class ServerData:
     aux: AuxSet  # as each model tokenizes it
-    evals: list[Record]  # multiple choice, or prompt-completion (eval/scoring.py: `eval_kind`)
+    # multiple choice, or prompt-completion (eval/scoring.py: `eval_kind`), conversations as the
+    # SLM's template renders them (the LLM's requests are its own rendering of the same items)
+    evals: list[Record]
     eval_kind: str
     # "llm" / "slm": each model's own tokenization (scoring.prepare: each question's choices, or
     # each prompt-completion pair)
@@ -119,25 +122,48 @@ def _held_out(records: list[Record], n: int) -> tuple[list[Record], list[Record]
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
-def _rendered(cfg: Config, records: list) -> list[Record]:
-    """The records as read, conversations rendered by the SLM's chat template (data/chat.py: both
-    models then read the same text)."""
-    return chat.render(records, lambda: tokenizer(cfg, "slm"), cfg.model.slm or cfg.model.llm)
+def _rendered(cfg: Config, records: list, model: str = "slm") -> list[Record]:
+    """The records as read, conversations rendered (data/chat.py) by the chat template of `model`'s
+    tokenizer: each model learns and is scored on the text it reads when it chats. A model whose
+    tokenizer has no template (a base LLM beside a chat SLM) reads the other's, as the log says."""
+    if shares_tokenizer(cfg):
+        model = "slm"  # one tokenizer, one rendering
+    other = "llm" if model == "slm" else "slm"
+    names = {"llm": cfg.model.llm, "slm": cfg.model.slm or cfg.model.llm}
+
+    def template_tokenizer():  # asked for only where there are conversations
+        own = tokenizer(cfg, model)
+        if getattr(own, "chat_template", None) or not getattr(tokenizer(cfg, other), "chat_template", None):
+            return own
+        print(f"[fedcollm] data: the tokenizer of {names[model]} has no chat template: its conversations are "
+              f"rendered by {names[other]}'s", flush=True)
+        return tokenizer(cfg, other)
+
+    return chat.render(records, template_tokenizer, names[model])
 
 
 @functools.lru_cache(maxsize=4)
-def _training_records(cfg: Config) -> list[Record]:
-    return _rendered(cfg, load_train(cfg.data))
+def _read_training(cfg: Config) -> list:
+    return load_train(cfg.data)
 
 
 @functools.lru_cache(maxsize=4)
-def train_split(cfg: Config) -> tuple[list[Record], Split]:
-    """The training records (less any held-out evaluation items) and their split into auxiliary
-    and client parts."""
+def _training_records(cfg: Config, model: str = "slm") -> list[Record]:
+    return _rendered(cfg, _read_training(cfg), model)
+
+
+@functools.lru_cache(maxsize=4)
+def train_split(cfg: Config, model: str = "slm") -> tuple[list[Record], Split]:
+    """The training records (less any held-out evaluation items) as `model` reads them, and their
+    split into auxiliary and client parts: one split for both models, made on the SLM's records."""
     d = cfg.data
-    train = _training_records(cfg)
+    if model != "slm" and shares_tokenizer(cfg):
+        return train_split(cfg)  # one tokenizer: the same records
+    train = _training_records(cfg, model)
     if d.eval_split == "train_holdout":
         train, _ = _held_out(train, d.holdout_examples)
+    if model != "slm":
+        return train, train_split(cfg)[1]
     split = split_indices(train, d.num_clients, d.partition, d.dirichlet_alpha, cfg.run.seed,
                           d.max_train_examples, d.aux_fraction, with_aux=not d.aux_file, topics=d.topics)
     return train, split
@@ -147,14 +173,18 @@ def _encode(cfg: Config, records: list[Record], model: str = "slm") -> list[Enco
     return encode_for_training(tokenizer(cfg, model), records, cfg.data.max_length)
 
 
-def _aux_set(cfg: Config, records: list[Record]) -> AuxSet:
+def _aux_set(cfg: Config, records: list[Record], llm_records: list[Record] | None = None) -> AuxSet:
     """The auxiliary records as the KD needs them: each model's tokenization of the correct
-    answers or completions (with character spans when the tokenizers differ), and of every choice
-    for distill.level = choice."""
+    answers or completions (the LLM's of `llm_records`, the same records as its template renders
+    them, where given), with character spans when the tokenizers differ, and of every choice for
+    distill.level = choice."""
     shared, n = shares_tokenizer(cfg), cfg.data.max_length
     pairs = all_pairs(records)
-    llm = encode_pairs(tokenizer(cfg), pairs, n, with_spans=not shared)
+    llm_pairs = pairs if llm_records is None else all_pairs(llm_records)
+    llm = encode_pairs(tokenizer(cfg), llm_pairs, n, with_spans=not shared)
     slm = llm if shared else encode_pairs(tokenizer(cfg, "slm"), pairs, n, with_spans=True)
+    if not shared:
+        llm, slm = _spans_within_shared_text(llm, slm, llm_pairs, pairs)
     choices = {}
     if cfg.distill.level == "choice":
         only_multiple_choice(records, "the server's auxiliary data", "distill.level = 'choice'", "use 'token'")
@@ -166,38 +196,60 @@ def _aux_set(cfg: Config, records: list[Record]) -> AuxSet:
                   tuple(r.answer for r in records) if choices else None)
 
 
-def eval_records(cfg: Config) -> tuple[list[Record], str]:
-    """The whole evaluation set (before data.eval_examples picks from it) and where it is from."""
+def _spans_within_shared_text(llm: list[Encoded], slm: list[Encoded], llm_pairs: list, slm_pairs: list):
+    """Where the two models' answer texts differ (a conversation, each model's template's end-of-turn
+    marks after the same answer), each side's spans cut to the text they share (train/align.py):
+    KD pairs tokens by characters there only."""
+    out_f, out_g = [], []
+    for f, g, fp, gp in zip(llm, slm, llm_pairs, slm_pairs):
+        f_text, g_text = as_encoded(*fp)[1], as_encoded(*gp)[1]
+        if f_text != g_text:
+            f_spans, g_spans = within_shared_text(list(f.spans), f_text, list(g.spans), g_text)
+            f, g = dataclasses.replace(f, spans=tuple(f_spans)), dataclasses.replace(g, spans=tuple(g_spans))
+        out_f.append(f)
+        out_g.append(g)
+    return out_f, out_g
+
+
+def eval_records(cfg: Config, model: str = "slm") -> tuple[list[Record], str]:
+    """The whole evaluation set as `model` reads it (before data.eval_examples picks from it) and
+    where it is from."""
     if cfg.data.eval_split == "train_holdout":  # the server scores items held out of the training split
-        return _held_out(_training_records(cfg), cfg.data.holdout_examples)[1], \
+        return _held_out(_training_records(cfg, model), cfg.data.holdout_examples)[1], \
             f"{cfg.data.train_file or cfg.data.dataset} train_holdout"
-    return _rendered(cfg, load_eval(cfg.data)), cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
+    return _rendered(cfg, load_eval(cfg.data), model), \
+        cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
 
 
 @functools.lru_cache(maxsize=4)
 def server_data(cfg: Config) -> ServerData:
     evals, where = eval_records(cfg)
     kind = scoring.kind_of(evals, where)
+    shared = shares_tokenizer(cfg)
+    llm_evals = evals if shared else eval_records(cfg, "llm")[0]
     if cfg.data.eval_examples and cfg.data.eval_examples < len(evals):
-        evals = random.Random(EVAL_SUBSET_SEED).sample(evals, cfg.data.eval_examples)
-    requests = {"llm": scoring.prepare(tokenizer(cfg), evals, kind, cfg.data.max_length)}
-    requests["slm"] = requests["llm"] if shares_tokenizer(cfg) else \
+        picked = random.Random(EVAL_SUBSET_SEED).sample(range(len(evals)), cfg.data.eval_examples)
+        evals, llm_evals = [evals[i] for i in picked], [llm_evals[i] for i in picked]
+    requests = {"llm": scoring.prepare(tokenizer(cfg), llm_evals, kind, cfg.data.max_length)}
+    requests["slm"] = requests["llm"] if shared else \
         scoring.prepare(tokenizer(cfg, "slm"), evals, kind, cfg.data.max_length)
     if cfg.data.aux_file:
-        aux = _rendered(cfg, read_records(cfg.data.aux_file, style_of(cfg.data)))
+        read = read_records(cfg.data.aux_file, style_of(cfg.data))
+        aux = _rendered(cfg, read)
         check_held_out(evals, aux, where)  # the only training data this server has
-        return ServerData(_aux_set(cfg, aux), evals, kind, requests, None)
+        return ServerData(_aux_set(cfg, aux, _rendered(cfg, read, "llm")), evals, kind, requests, None)
     train, split = train_split(cfg)
+    llm_train = train_split(cfg, "llm")[0]
     check_held_out(evals, [train[i] for i in itertools.chain(split.aux, *split.clients)], where)
-    return ServerData(_aux_set(cfg, [train[i] for i in split.aux]), evals, kind, requests,
-                      tuple(sum(len(training_pairs(train[i])) for i in part) for part in split.clients))
+    return ServerData(_aux_set(cfg, [train[i] for i in split.aux], [llm_train[i] for i in split.aux]), evals, kind,
+                      requests, tuple(sum(len(training_pairs(train[i])) for i in part) for part in split.clients))
 
 
 @functools.lru_cache(maxsize=8)
 def client_examples(cfg: Config, partition_id: int, model: str = "slm") -> list[Encoded]:
     """One client's part of the split, tokenized (only that part) for the SLM (or the LLM:
     the centralized baseline)."""
-    train, split = train_split(cfg)
+    train, split = train_split(cfg, model)
     return _encode(cfg, [train[i] for i in split.clients[partition_id]], model)
 
 

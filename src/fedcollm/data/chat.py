@@ -13,9 +13,9 @@ the generation prompt, the completion what the rendering up to that message adds
 answer and the template's end-of-turn marks). Each turn is thus learnt after the text the model
 reads when it writes that turn, even where a template renders earlier turns differently (some
 drop an earlier answer's reasoning); the price is a pass over the conversation's prefix per
-learnt turn. The SLM's tokenizer's template renders every record for both models: the LLM and
-the SLM then read the same text, which token-level KD across two tokenizers needs (it aligns the
-characters of the same answer).
+learnt turn. Each model's tokenizer's template renders the records that model reads
+(components.py), so each learns the chat format it is used with; across two tokenizers,
+token-level KD aligns the characters both renderings of an answer share (train/align.py).
 """
 
 from __future__ import annotations

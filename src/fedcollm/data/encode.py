@@ -32,6 +32,12 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def as_encoded(ctx: str, cont: str) -> tuple[str, str]:
+    """(context, continuation) as encode_pairs splits the text: like lm-eval, a trailing space of
+    the context belongs to the continuation (spans count from the continuation's start so split)."""
+    return (ctx[:-1], " " + cont) if ctx.endswith(" ") else (ctx, cont)
+
+
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, with_spans: bool = False) -> list[Encoded]:
     """(context, continuation) pairs → ids, tokenized in two batched calls (the fast tokenizer
     does the work in Rust, not one Python call per string).
@@ -42,12 +48,7 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int, with_
     """
     if not pairs:
         return []
-    ctxs, conts = [], []
-    for ctx, cont in pairs:
-        if ctx.endswith(" "):
-            ctx, cont = ctx[:-1], " " + cont
-        ctxs.append(ctx)
-        conts.append(cont)
+    ctxs, conts = (list(x) for x in zip(*(as_encoded(ctx, cont) for ctx, cont in pairs)))
     bos = bos_prefix(tokenizer)
     ctx_ids = tokenizer(ctxs, add_special_tokens=False)["input_ids"]
     whole_enc = tokenizer([a + b for a, b in zip(ctxs, conts)], add_special_tokens=False,

@@ -144,3 +144,20 @@ def align(spans_a: list[tuple[int, int]], spans_b: list[tuple[int, int]]) -> lis
 def one_to_one(groups: list[tuple[range, range]]) -> list[tuple[int, int]]:
     """The (a, b) token pairs of the groups that hold exactly one token on each side."""
     return [(ga[0], gb[0]) for ga, gb in groups if len(ga) == 1 and len(gb) == 1]
+
+
+def within_shared_text(spans_a: list[tuple[int, int]], text_a: str, spans_b: list[tuple[int, int]],
+                       text_b: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The two span lists cut where the texts part: each keeps its first tokens, up to the last
+    character where both texts are still the same and both have a token boundary (so that `align`
+    ends on a closed group). Two chat templates render the same answer and then each its own
+    end-of-turn marks: KD pairs tokens by the characters they cover, which only the same text can
+    do, so the marks are learnt from each model's own labels only."""
+    same = next((k for k, (x, y) in enumerate(zip(text_a, text_b)) if x != y), min(len(text_a), len(text_b)))
+    ends = {e for _, e in spans_a if e <= same} & {e for _, e in spans_b if e <= same}
+    cut = max(ends, default=0)
+
+    def upto(spans):  # the leading tokens that end by the cut (rows stay the same indices)
+        return spans[:next((i for i, (_, e) in enumerate(spans) if e > cut), len(spans))]
+
+    return upto(spans_a), upto(spans_b)
