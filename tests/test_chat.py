@@ -299,6 +299,7 @@ def test_spans_are_cut_at_the_last_boundary_both_share_within_the_same_text():
 
 def test_a_model_whose_tokenizer_has_no_template_reads_the_others(two_templates, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(components.tokenizer(two_templates), "chat_template", None, raising=False)
+    components._say_borrowed_template.cache_clear()  # said once a process
     path, chats = _conversations(tmp_path / "chats.jsonl", 30)
     cfg = dataclasses.replace(two_templates, data=dataclasses.replace(two_templates.data, train_file=str(path)))
     train, _ = components.train_split(cfg, "llm")

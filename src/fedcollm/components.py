@@ -122,6 +122,13 @@ def _held_out(records: list[Record], n: int) -> tuple[list[Record], list[Record]
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
+@functools.cache
+def _say_borrowed_template(model: str, other: str) -> None:
+    """Once a process (the training, auxiliary and evaluation records are rendered apart)."""
+    print(f"[fedcollm] data: the tokenizer of {model} has no chat template: its conversations are rendered by "
+          f"{other}'s", flush=True)
+
+
 def _rendered(cfg: Config, records: list, model: str = "slm") -> list[Record]:
     """The records as read, conversations rendered (data/chat.py) by the chat template of `model`'s
     tokenizer: each model learns and is scored on the text it reads when it chats. A model whose
@@ -135,8 +142,7 @@ def _rendered(cfg: Config, records: list, model: str = "slm") -> list[Record]:
         own = tokenizer(cfg, model)
         if getattr(own, "chat_template", None) or not getattr(tokenizer(cfg, other), "chat_template", None):
             return own
-        print(f"[fedcollm] data: the tokenizer of {names[model]} has no chat template: its conversations are "
-              f"rendered by {names[other]}'s", flush=True)
+        _say_borrowed_template(names[model], names[other])
         return tokenizer(cfg, other)
 
     return chat.render(records, template_tokenizer, names[model])
