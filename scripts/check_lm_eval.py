@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the comparison here (JSON)")
     args = p.parse_args(argv)
     args.command = "check_lm_eval"
+    if args.limit < 1:
+        p.error(f"--limit {args.limit}: at least 1 item")
     try:
         _base_of_run(args)
         rows = hub_rows(args.data, release_file(args.data, args.split, args.data_path))
