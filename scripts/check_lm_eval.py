@@ -33,20 +33,14 @@ TASK = "fedcollm_check"
 
 
 def release_file(dataset: str, split: str, data_path: str) -> Path:
-    """The local release file of the split: where fedcollm looks first (loaders.candidate_roots)."""
-    from fedcollm.data.loaders import DATASETS, candidate_roots  # noqa: PLC0415
+    """The local release file of the split, where fedcollm finds it (loaders.split_file)."""
+    from fedcollm.data.loaders import split_file  # noqa: PLC0415
     from fedcollm.errors import FedCoLLMError  # noqa: PLC0415
 
-    if dataset not in LM_EVAL_TASK_FILES:
-        raise FedCoLLMError(f"--data {dataset!r}: lm-eval checks {', '.join(LM_EVAL_TASK_FILES)}")
-    rel = DATASETS[dataset].files.get(split)
-    if rel is None:
-        raise FedCoLLMError(f"--data {dataset}: no split {split!r} (known: {', '.join(DATASETS[dataset].files)})")
-    tried = [root / rel for root in candidate_roots(data_path)]
-    found = next((f for f in tried if f.is_file()), None)
+    found, tried = split_file(dataset, split, data_path)
     if found is None:
         raise FedCoLLMError(f"{dataset} {split}: no local file (lm-eval is run on local files); tried: "
-                            f"{'; '.join(map(str, tried))}")
+                            f"{'; '.join(tried)}")
     return found
 
 
@@ -109,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: PLC0415
 
     from fedcollm.cli import _add_model_args, _base_of_run, _model  # noqa: PLC0415 - the CLI's own model loading
-    from fedcollm.data.loaders import load_split  # noqa: PLC0415
+    from fedcollm.data.encode import pad_id_of  # noqa: PLC0415
+    from fedcollm.data.loaders import DATASETS, read_records  # noqa: PLC0415
     from fedcollm.errors import FedCoLLMError  # noqa: PLC0415
     from fedcollm.eval.mcq import accuracy, choice_logliks, encode_requests  # noqa: PLC0415
     from fedcollm.eval.metrics import item_key  # noqa: PLC0415
     from fedcollm.models.loading import load_tokenizer  # noqa: PLC0415
-    from fedcollm.data.encode import pad_id_of  # noqa: PLC0415
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _add_model_args(p)
@@ -132,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--limit {args.limit}: at least 1 item")
     try:
         _base_of_run(args)
-        rows = hub_rows(args.data, release_file(args.data, args.split, args.data_path))
-        records = load_split(args.data, args.split, args.data_path)[: args.limit]
+        found = release_file(args.data, args.split, args.data_path)
+        rows = hub_rows(args.data, found)  # lm-eval's rows, and fedcollm's records, of one file
+        records = read_records(found, DATASETS[args.data].style)[: args.limit]
         if [r.id for r in records] != [r["id"] for r in rows[: args.limit]]:
             raise FedCoLLMError(f"{args.data} {args.split}: fedcollm's loader and this script read different items")
         tok = load_tokenizer(args.model)

@@ -202,8 +202,9 @@ def _say_missing_path(user_path: str) -> None:
           "($FEDCOLLM_DATA, ../shared/data, the hub)", file=sys.stderr, flush=True)
 
 
-def load_split(dataset: str, split: str, user_path: str = "") -> list[Record]:
-    """Records of one split of a named dataset, from the first place that has it."""
+def split_file(dataset: str, split: str, user_path: str = "") -> tuple[Path | None, list[str]]:
+    """The local release file of one split of a named dataset, from the first data root that has
+    it (None where none has), and the paths tried before."""
     if dataset not in DATASETS:
         raise FedCoLLMError(f"unknown dataset {dataset!r} (known: {', '.join(DATASETS)})")
     spec = DATASETS[dataset]
@@ -215,8 +216,17 @@ def load_split(dataset: str, split: str, user_path: str = "") -> list[Record]:
     for root in candidate_roots(user_path):
         f = root / spec.files[split]
         if f.is_file():
-            return read_records(f, spec.style)
+            return f, tried
         tried.append(str(f))
+    return None, tried
+
+
+def load_split(dataset: str, split: str, user_path: str = "") -> list[Record]:
+    """Records of one split of a named dataset, from the first place that has it."""
+    found, tried = split_file(dataset, split, user_path)
+    spec = DATASETS[dataset]
+    if found is not None:
+        return read_records(found, spec.style)
     try:
         return _from_hub(spec, split)
     except Exception as e:  # noqa: BLE001 - any hub failure ends the search
