@@ -223,8 +223,13 @@ def eval_records(cfg: Config, model: str = "slm") -> tuple[list[Record], str]:
     if cfg.data.eval_split == "train_holdout":  # the server scores items held out of the training split
         return _held_out(_training_records(cfg, model), cfg.data.holdout_examples)[1], \
             f"{cfg.data.train_file or cfg.data.dataset} train_holdout"
-    return _rendered(cfg, load_eval(cfg.data), model), \
-        cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
+    return _rendered(cfg, _read_eval(cfg), model), cfg.data.eval_file or f"{cfg.data.dataset} {cfg.data.eval_split}"
+
+
+@functools.lru_cache(maxsize=4)
+def _read_eval(cfg: Config) -> list:
+    """The evaluation file as read, once for both models' renderings."""
+    return load_eval(cfg.data)
 
 
 @functools.lru_cache(maxsize=4)
@@ -243,7 +248,8 @@ def server_data(cfg: Config) -> ServerData:
         read = read_records(cfg.data.aux_file, style_of(cfg.data))
         aux = _rendered(cfg, read)
         check_held_out(evals, aux, where)  # the only training data this server has
-        return ServerData(_aux_set(cfg, aux, _rendered(cfg, read, "llm")), evals, kind, requests, None)
+        return ServerData(_aux_set(cfg, aux, None if shared else _rendered(cfg, read, "llm")), evals, kind,
+                          requests, None)
     train, split = train_split(cfg)
     llm_train = train_split(cfg, "llm")[0]
     check_held_out(evals, [train[i] for i in itertools.chain(split.aux, *split.clients)], where)
