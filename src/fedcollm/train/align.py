@@ -153,7 +153,7 @@ def within_shared_text(spans_a: list[tuple[int, int]], text_a: str, spans_b: lis
     ends on a closed group). Two chat templates render the same answer and then each its own
     end-of-turn marks: KD pairs tokens by the characters they cover, which only the same text can
     do, so the marks are learnt from each model's own labels only."""
-    same = next((k for k, (x, y) in enumerate(zip(text_a, text_b)) if x != y), min(len(text_a), len(text_b)))
+    same = len(os.path.commonprefix([text_a, text_b]))
     ends = {e for _, e in spans_a if e <= same} & {e for _, e in spans_b if e <= same}
     cut = max(ends, default=0)
 
